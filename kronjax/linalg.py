@@ -1,0 +1,354 @@
+r"""Structured linear algebra for Kronecker products, never forming the product.
+
+Every function works on the factors :math:`A_1, \dots, A_d` of
+:math:`A = A_1 \otimes \dots \otimes A_d` and on vectors in the row-major flattening
+order of ``jnp.kron``: grid element :math:`(i_1, \dots, i_d)` sits at flat index
+:math:`i_1 (n_2 \cdots n_d) + \dots + i_d`.
+
+The eigen log-density core has a custom VJP that never differentiates eigenvectors
+(see :func:`kron_eig_logpdf`), so gradients stay exact and finite when factors have
+repeated or clustered eigenvalues. References: Saatçi (2011), *Scalable inference for
+structured Gaussian process models*, PhD thesis, ch. 5; Wilson et al. (2014), *Fast
+kernel learning for multidimensional pattern extrapolation*.
+"""
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+__all__ = [
+    "kron_matvec",
+    "kron_diag",
+    "kron_dense",
+    "kron_outer",
+    "kron_solve_triangular",
+    "kron_eig_logpdf",
+    "kron_eig_logdet",
+    "psd_sqrt",
+]
+
+_GRID = "abcdefghijklmnopqrstuvwxy"  # einsum letters of the grid axes; "z" is the new one
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _mode_product(t: jax.Array, a: jax.Array, k: int, d: int) -> jax.Array:
+    """Multiply axis ``k`` of the trailing ``d`` grid axes of ``t`` by ``a`` ``(..., p, q)``."""
+    src = _GRID[:d]
+    dst = src[:k] + "z" + src[k + 1 :]
+    return jnp.einsum(f"...z{src[k]},...{src}->...{dst}", a, t)
+
+
+def kron_matvec(factors: Sequence[jax.Array], x: jax.Array) -> jax.Array:
+    r"""Compute :math:`(A_1 \otimes \dots \otimes A_d)\, x` by one mode product per factor.
+
+    .. math::
+        y = \operatorname{vec}\big(X \times_1 A_1 \times_2 \dots \times_d A_d\big),
+        \quad X = \operatorname{reshape}(x, (q_1, \dots, q_d))
+
+    Args:
+        factors: ``A_i`` of shape ``(..., p_i, q_i)``; rectangular factors are allowed and
+            leading (batch) dimensions broadcast with those of ``x``.
+        x: shape ``(..., q_1 * ... * q_d)``.
+
+    Returns:
+        Shape ``(..., p_1 * ... * p_d)``. Cost
+        :math:`O(\sum_i p_i \prod_{j \le i} p_j \prod_{j \ge i} q_j)`, memory :math:`O(N)`.
+    """
+    factors = [jnp.asarray(a) for a in factors]
+    q = tuple(a.shape[-1] for a in factors)
+    x = jnp.asarray(x)
+    if x.ndim == 0 or x.shape[-1] != math.prod(q):
+        raise ValueError(
+            f"kron_matvec: x has shape {x.shape}; expected (..., {math.prod(q)}), the "
+            f"product of the factors' column counts {q}"
+        )
+    d = len(factors)
+    t = x.reshape(x.shape[:-1] + q)
+    for k, a in enumerate(factors):
+        t = _mode_product(t, a, k, d)
+    return t.reshape(t.shape[: t.ndim - d] + (-1,))
+
+
+def kron_outer(vectors: Sequence[jax.Array]) -> jax.Array:
+    r"""Flattened outer product :math:`v_1 \otimes \dots \otimes v_d` of vectors ``(..., n_i)``."""
+    out = jnp.asarray(vectors[0])
+    for v in vectors[1:]:
+        v = jnp.asarray(v)
+        out = out[..., :, None] * v[..., None, :]
+        out = out.reshape(out.shape[:-2] + (-1,))
+    return out
+
+
+def kron_diag(factors: Sequence[jax.Array]) -> jax.Array:
+    r"""Diagonal of :math:`A_1 \otimes \dots \otimes A_d`: the outer product of the diagonals."""
+    return kron_outer([jnp.diagonal(jnp.asarray(a), axis1=-2, axis2=-1) for a in factors])
+
+
+def kron_dense(factors: Sequence[jax.Array]) -> jax.Array:
+    """The dense product ``A_1 ⊗ … ⊗ A_d``, batched. For tests and small N only."""
+    out = jnp.asarray(factors[0])
+    for b in factors[1:]:
+        b = jnp.asarray(b)
+        out = jnp.einsum("...pq,...rs->...prqs", out, b)
+        out = out.reshape(out.shape[:-4] + (out.shape[-4] * out.shape[-3], -1))
+    return out
+
+
+def _per_example(fn, factor_sigs: Sequence[str], rest: str):
+    """Vectorize ``fn`` over leading dims; ``factor_sigs`` holds one core shape per argument."""
+    return jnp.vectorize(fn, signature=",".join(factor_sigs) + rest)
+
+
+def _sizes_sig(sizes, template: str) -> list[str]:
+    return [template.format(f"n{i}") for i in range(len(sizes))]
+
+
+def kron_solve_triangular(chols: Sequence[jax.Array], x: jax.Array) -> jax.Array:
+    r"""Solve :math:`(L_1 \otimes \dots \otimes L_d)\, z = x` by one triangular solve per mode.
+
+    ``chols[i]`` is lower triangular ``(..., n_i, n_i)``; ``x`` is ``(..., N)``. Cost
+    :math:`O(N \sum_i n_i)`.
+    """
+    sizes = tuple(jnp.shape(c)[-1] for c in chols)
+    d = len(sizes)
+
+    def solve(*args):
+        *ls, v = args
+        t = v.reshape(sizes)
+        for k, lk in enumerate(ls):
+            moved = jnp.moveaxis(t, k, 0)
+            solved = solve_triangular(lk, moved.reshape(sizes[k], -1), lower=True)
+            t = jnp.moveaxis(solved.reshape(moved.shape), 0, k)
+        return t.reshape(-1)
+
+    sig = _sizes_sig(sizes, "({0},{0})") + ["(N)"]
+    return _per_example(solve, sig, "->(N)")(*chols, x)
+
+
+# ----------------------------------------------------------------------------------
+# The eigen core. Per-example functions act on unbatched factors; the public wrappers
+# vectorize them over leading dimensions.
+
+
+def _outer_tensor(vectors: Sequence[jax.Array]) -> jax.Array:
+    """Outer product of 1-D vectors as a ``(n_1, …, n_d)`` tensor."""
+    d = len(vectors)
+    out = 1.0
+    for k, v in enumerate(vectors):
+        out = out * v.reshape((1,) * k + (-1,) + (1,) * (d - k - 1))
+    return out
+
+
+def _rotate(eigvecs, t, transpose: bool) -> jax.Array:
+    """Mode products of the ``(n_1, …, n_d)`` tensor ``t`` with ``Q_i`` (or ``Q_iᵀ``)."""
+    d = len(eigvecs)
+    for k, q in enumerate(eigvecs):
+        t = _mode_product(t, q.T if transpose else q, k, d)
+    return t
+
+
+def _eig_forward(eigvals, eigvecs, sigma2, r):
+    sizes = tuple(v.shape[-1] for v in eigvals)
+    rt = _rotate(eigvecs, r.reshape(sizes), transpose=True)
+    D = _outer_tensor([jnp.maximum(v, 0) for v in eigvals]) + sigma2
+    alpha = rt / D
+    logp = -0.5 * (jnp.sum(rt * alpha) + jnp.sum(jnp.log(D)) + D.size * _LOG_2PI)
+    return logp, alpha, D
+
+
+def _eig_logpdf(eigvals, eigvecs, sigma2, r):
+    return _eig_forward(eigvals, eigvecs, sigma2, r)[0]
+
+
+def _other_eigvals(eigvals, i):
+    """:math:`W_i = \\otimes_{j \\ne i} \\lambda_j`, broadcastable against the grid tensor."""
+    return _outer_tensor(
+        [jnp.ones_like(v) if j == i else jnp.maximum(v, 0) for j, v in enumerate(eigvals)]
+    )
+
+
+def _logdet_grads(eigvals, D):
+    r""":math:`g_i[a] = \sum_{\text{rest}} W_i / D`, one vector per factor."""
+    d = len(eigvals)
+    out = []
+    for i in range(d):
+        rest = tuple(j for j in range(d) if j != i)
+        out.append(jnp.sum(_other_eigvals(eigvals, i) / D, axis=rest))
+    return out
+
+
+@jax.custom_vjp
+def _cov_logpdf(covs, eigvals, eigvecs, sigma2, r):
+    return _eig_logpdf(eigvals, eigvecs, sigma2, r)
+
+
+def _cov_logpdf_fwd(covs, eigvals, eigvecs, sigma2, r):
+    logp, alpha, D = _eig_forward(eigvals, eigvecs, sigma2, r)
+    return logp, (eigvals, eigvecs, alpha, D)
+
+
+def _cov_logpdf_bwd(res, g):
+    eigvals, eigvecs, alpha, D = res
+    d = len(eigvals)
+    cov_bars = []
+    for i, (q, gi) in enumerate(zip(eigvecs, _logdet_grads(eigvals, D))):
+        rest = [j for j in range(d) if j != i]
+        weighted = alpha * _other_eigvals(eigvals, i)
+        S = jnp.tensordot(weighted, alpha, axes=(rest, rest))
+        M = 0.5 * g * (S - jnp.diag(gi))
+        cov_bars.append(q @ M @ q.T)
+    sigma2_bar = 0.5 * g * (jnp.sum(alpha * alpha) - jnp.sum(1 / D))
+    r_bar = -g * _rotate(eigvecs, alpha, transpose=False).reshape(-1)
+    zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
+    return (tuple(cov_bars), *zeros, sigma2_bar, r_bar)
+
+
+_cov_logpdf.defvjp(_cov_logpdf_fwd, _cov_logpdf_bwd)
+
+
+def _eig_logdet(eigvals, eigvecs, sigma2):
+    return jnp.sum(jnp.log(_outer_tensor([jnp.maximum(v, 0) for v in eigvals]) + sigma2))
+
+
+@jax.custom_vjp
+def _cov_logdet(covs, eigvals, eigvecs, sigma2):
+    return _eig_logdet(eigvals, eigvecs, sigma2)
+
+
+def _cov_logdet_fwd(covs, eigvals, eigvecs, sigma2):
+    D = _outer_tensor([jnp.maximum(v, 0) for v in eigvals]) + sigma2
+    return jnp.sum(jnp.log(D)), (eigvals, eigvecs, D)
+
+
+def _cov_logdet_bwd(res, g):
+    eigvals, eigvecs, D = res
+    cov_bars = tuple(
+        g * (q * gi) @ q.T for q, gi in zip(eigvecs, _logdet_grads(eigvals, D))
+    )
+    zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
+    return (cov_bars, *zeros, g * jnp.sum(1 / D))
+
+
+_cov_logdet.defvjp(_cov_logdet_fwd, _cov_logdet_bwd)
+
+
+def _eig_args(eigvals, eigvecs, covs):
+    """Stop gradients through the eigendecomposition when ``covs`` carry them instead."""
+    if covs is None:
+        return eigvals, eigvecs
+    return jax.lax.stop_gradient((tuple(eigvals), tuple(eigvecs)))
+
+
+def kron_eig_logpdf(
+    r: jax.Array,
+    eigvals: Sequence[jax.Array],
+    eigvecs: Sequence[jax.Array],
+    sigma2: jax.Array,
+    covs: Sequence[jax.Array] | None = None,
+) -> jax.Array:
+    r"""Log density of :math:`r \sim \mathcal N(0, K_1 \otimes \dots \otimes K_d + \sigma^2 I)`.
+
+    With :math:`K_i = Q_i \operatorname{diag}(\lambda_i) Q_i^\top`,
+    :math:`D = \lambda_1 \otimes \dots \otimes \lambda_d + \sigma^2` and
+    :math:`\tilde r = (\otimes Q_i)^\top r`:
+
+    .. math::
+        \log p = -\tfrac12 \textstyle\sum \tilde r^2 / D - \tfrac12 \sum \log D
+                 - \tfrac N2 \log 2\pi .
+
+    When ``covs`` (the matrices :math:`K_i`) are given, gradients flow to ``covs``,
+    ``sigma2`` and ``r`` through a custom VJP that never differentiates eigenvectors
+    (``eigvals``/``eigvecs`` are treated as constants). With :math:`\tilde\alpha = \tilde r/D`
+    and :math:`W_i = \otimes_{j\ne i}\lambda_j`:
+
+    .. math::
+        \frac{\partial \log p}{\partial K_i} = \tfrac12 Q_i (S_i - \operatorname{diag} g_i) Q_i^\top,
+        \quad S_i = \textstyle\sum_{\text{rest}} \tilde\alpha\,\tilde\alpha^\top W_i,
+        \quad g_i = \sum_{\text{rest}} W_i / D,
+
+    :math:`\partial/\partial\sigma^2 = \tfrac12(\sum\tilde\alpha^2 - \sum 1/D)` and
+    :math:`\partial/\partial r = -Q\tilde\alpha`: exact and finite for repeated eigenvalues.
+    Without ``covs``, plain autodiff differentiates the formula above in ``eigvals`` and
+    ``eigvecs`` (no ``eigh`` is involved). Negative eigenvalues (round-off of a PSD factor)
+    are clipped to zero. Cost :math:`O(N \sum_i n_i)`.
+
+    Args:
+        r: residual ``(..., N)``.
+        eigvals, eigvecs: per factor ``(..., n_i)`` and ``(..., n_i, n_i)``.
+        sigma2: noise variance, shape broadcastable to the batch shape.
+        covs: optional factors ``(..., n_i, n_i)`` matching ``eigvecs``.
+    """
+    sizes = tuple(jnp.shape(v)[-1] for v in eigvals)
+    vals, vecs = _eig_args(eigvals, eigvecs, covs)
+    sig = _sizes_sig(sizes, "({0})") + _sizes_sig(sizes, "({0},{0})") + ["()", "(N)"]
+    if covs is None:
+        fn = lambda *a: _eig_logpdf(a[:len(sizes)], a[len(sizes):-2], *a[-2:])  # noqa: E731
+        return _per_example(fn, sig, "->()")(*vals, *vecs, sigma2, r)
+    d = len(sizes)
+    fn = lambda *a: _cov_logpdf(a[:d], a[d : 2 * d], a[2 * d : 3 * d], *a[3 * d :])  # noqa: E731
+    sig = _sizes_sig(sizes, "({0},{0})") + sig
+    return _per_example(fn, sig, "->()")(*covs, *vals, *vecs, sigma2, r)
+
+
+def kron_eig_logdet(
+    eigvals: Sequence[jax.Array],
+    eigvecs: Sequence[jax.Array],
+    sigma2: jax.Array,
+    covs: Sequence[jax.Array] | None = None,
+) -> jax.Array:
+    r""":math:`\log\det(K_1 \otimes \dots \otimes K_d + \sigma^2 I) = \sum \log D`.
+
+    With ``covs`` the gradient is the custom
+    :math:`\partial/\partial K_i = Q_i \operatorname{diag}(g_i) Q_i^\top`,
+    :math:`\partial/\partial\sigma^2 = \sum 1/D` (see :func:`kron_eig_logpdf`).
+    """
+    sizes = tuple(jnp.shape(v)[-1] for v in eigvals)
+    d = len(sizes)
+    vals, vecs = _eig_args(eigvals, eigvecs, covs)
+    sig = _sizes_sig(sizes, "({0})") + _sizes_sig(sizes, "({0},{0})") + ["()"]
+    if covs is None:
+        fn = lambda *a: _eig_logdet(a[:d], a[d : 2 * d], a[-1])  # noqa: E731
+        return _per_example(fn, sig, "->()")(*vals, *vecs, sigma2)
+    fn = lambda *a: _cov_logdet(a[:d], a[d : 2 * d], a[2 * d : 3 * d], a[-1])  # noqa: E731
+    sig = _sizes_sig(sizes, "({0},{0})") + sig
+    return _per_example(fn, sig, "->()")(*covs, *vals, *vecs, sigma2)
+
+
+@jax.custom_vjp
+def _psd_sqrt(cov, eigval, eigvec):
+    s = jnp.sqrt(jnp.maximum(eigval, 0))
+    return (eigvec * s[..., None, :]) @ jnp.swapaxes(eigvec, -1, -2)
+
+
+def _psd_sqrt_fwd(cov, eigval, eigvec):
+    return _psd_sqrt(cov, eigval, eigvec), (eigval, eigvec)
+
+
+def _psd_sqrt_bwd(res, root_bar):
+    eigval, eigvec = res
+    qt = jnp.swapaxes(eigvec, -1, -2)
+    s = jnp.sqrt(jnp.maximum(eigval, 0))
+    m = qt @ root_bar @ eigvec
+    m = 0.5 * (m + jnp.swapaxes(m, -1, -2))
+    denom = s[..., :, None] + s[..., None, :]
+    m = jnp.where(denom > 0, m / jnp.where(denom > 0, denom, 1), 0)
+    return eigvec @ m @ qt, jnp.zeros_like(eigval), jnp.zeros_like(eigvec)
+
+
+_psd_sqrt.defvjp(_psd_sqrt_fwd, _psd_sqrt_bwd)
+
+
+def psd_sqrt(cov: jax.Array, eigval: jax.Array, eigvec: jax.Array) -> jax.Array:
+    r"""Symmetric square root :math:`R = Q \operatorname{diag}(\sqrt{\lambda}) Q^\top` of ``cov``.
+
+    The gradient w.r.t. ``cov`` solves the Sylvester equation
+    :math:`dR\,R + R\,dR = dK`; in the eigenbasis
+    :math:`\widetilde{dR}_{ab} = \widetilde{dK}_{ab} / (\sqrt{\lambda_a} + \sqrt{\lambda_b})`,
+    finite for repeated eigenvalues (pairs of zero eigenvalues get zero). ``eigval`` and
+    ``eigvec`` (from ``eigh(cov)``) are treated as constants.
+    """
+    eigval, eigvec = jax.lax.stop_gradient((eigval, eigvec))
+    return _psd_sqrt(cov, eigval, eigvec)
