@@ -57,8 +57,9 @@ def _check_evds(evds) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
             raise _shape_error(f"evds[{i}] eigenvectors", q.shape, "(..., n, n)")
         if v.ndim < 1 or v.shape[-1] != q.shape[-1]:
             raise _shape_error(
-                f"evds[{i}] eigenvalues", v.shape, f"(..., {q.shape[-1]}) to match "
-                f"eigenvectors of shape {tuple(q.shape)}"
+                f"evds[{i}] eigenvalues",
+                v.shape,
+                f"(..., {q.shape[-1]}) to match eigenvectors of shape {tuple(q.shape)}",
             )
         vals.append(v)
         vecs.append(q)
@@ -137,7 +138,13 @@ class KroneckerNormal(Distribution):
     support = constraints.real_vector
     reparametrized_params = ["loc", "covs", "chols", "evds", "sigma"]
     pytree_data_fields = (
-        "loc", "covs", "chols", "sigma", "_eig_covs", "_eigvals", "_eigvecs",
+        "loc",
+        "covs",
+        "chols",
+        "sigma",
+        "_eig_covs",
+        "_eigvals",
+        "_eigvecs",
     )
 
     def __init__(
@@ -169,8 +176,7 @@ class KroneckerNormal(Distribution):
             loc = jnp.broadcast_to(loc, (n,))
         if loc.shape[-1] != n:
             raise _shape_error(
-                "loc", loc.shape, f"(..., {n}): N = {n} is the product of the factor "
-                f"sizes {sizes}"
+                "loc", loc.shape, f"(..., {n}): N = {n} is the product of the factor sizes {sizes}"
             )
         sigma = None if sigma is None else jnp.asarray(sigma)
         batch_shape = _batch_shape(loc, factors, sigma, given[0])
@@ -242,11 +248,13 @@ class KroneckerNormal(Distribution):
         return 0.0 if self.sigma is None else jnp.square(self.sigma)
 
     def _chol_half_logdet(self) -> jax.Array:
-        r""":math:`\tfrac12 \log\det \otimes L_i L_i^\top = \sum_i (N/n_i) \sum \log|\operatorname{diag} L_i|`."""
+        r"""Half the log determinant of :math:`\otimes L_i L_i^\top`.
+
+        .. math:: \tfrac12 \log\det = \textstyle\sum_i (N/n_i) \sum \log|\operatorname{diag} L_i|
+        """
         n = self.event_shape[0]
         return sum(
-            (n // l.shape[-1])
-            * jnp.sum(jnp.log(jnp.abs(jnp.diagonal(l, axis1=-2, axis2=-1))), -1)
+            (n // l.shape[-1]) * jnp.sum(jnp.log(jnp.abs(jnp.diagonal(l, axis1=-2, axis2=-1))), -1)
             for l in self.chols
         )
 
@@ -360,7 +368,9 @@ class KroneckerNormal(Distribution):
             if self.covs is not None:
                 asym = float(jnp.max(jnp.abs(f - jnp.swapaxes(f, -1, -2))))
                 if asym > _tol(f, f.shape[-1]):
-                    raise ValueError(f"KroneckerNormal: {arg} is not symmetric (max |K - Kᵀ| = {asym:.3g})")
+                    raise ValueError(
+                        f"KroneckerNormal: {arg} is not symmetric (max |K - Kᵀ| = {asym:.3g})"
+                    )
             if self.chols is not None:
                 if bool(jnp.any(jnp.triu(f, 1) != 0)):
                     raise ValueError(f"KroneckerNormal: {arg} is not lower triangular")

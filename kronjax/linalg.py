@@ -113,7 +113,6 @@ def kron_solve_triangular(chols: Sequence[jax.Array], x: jax.Array) -> jax.Array
     :math:`O(N \sum_i n_i)`.
     """
     sizes = tuple(jnp.shape(c)[-1] for c in chols)
-    d = len(sizes)
 
     def solve(*args):
         *ls, v = args
@@ -225,9 +224,7 @@ def _cov_logdet_fwd(covs, eigvals, eigvecs, sigma2):
 
 def _cov_logdet_bwd(res, g):
     eigvals, eigvecs, D = res
-    cov_bars = tuple(
-        g * (q * gi) @ q.T for q, gi in zip(eigvecs, _logdet_grads(eigvals, D))
-    )
+    cov_bars = tuple(g * (q * gi) @ q.T for q, gi in zip(eigvecs, _logdet_grads(eigvals, D)))
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
     return (cov_bars, *zeros, g * jnp.sum(1 / D))
 
@@ -265,7 +262,8 @@ def kron_eig_logpdf(
     and :math:`W_i = \otimes_{j\ne i}\lambda_j`:
 
     .. math::
-        \frac{\partial \log p}{\partial K_i} = \tfrac12 Q_i (S_i - \operatorname{diag} g_i) Q_i^\top,
+        \frac{\partial \log p}{\partial K_i}
+            = \tfrac12 Q_i (S_i - \operatorname{diag} g_i) Q_i^\top,
         \quad S_i = \textstyle\sum_{\text{rest}} \tilde\alpha\,\tilde\alpha^\top W_i,
         \quad g_i = \sum_{\text{rest}} W_i / D,
 
@@ -285,7 +283,7 @@ def kron_eig_logpdf(
     vals, vecs = _eig_args(eigvals, eigvecs, covs)
     sig = _sizes_sig(sizes, "({0})") + _sizes_sig(sizes, "({0},{0})") + ["()", "(N)"]
     if covs is None:
-        fn = lambda *a: _eig_logpdf(a[:len(sizes)], a[len(sizes):-2], *a[-2:])  # noqa: E731
+        fn = lambda *a: _eig_logpdf(a[: len(sizes)], a[len(sizes) : -2], *a[-2:])  # noqa: E731
         return _per_example(fn, sig, "->()")(*vals, *vecs, sigma2, r)
     d = len(sizes)
     fn = lambda *a: _cov_logpdf(a[:d], a[d : 2 * d], a[2 * d : 3 * d], *a[3 * d :])  # noqa: E731
