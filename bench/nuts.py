@@ -134,10 +134,10 @@ def run_pymc(sizes, warmup, draws, chains, mode="NUMBA", progress=None, seed=0):
         fh = open(progress, "w", buffering=1) if progress else None  # noqa: SIM115
 
         def callback(trace, draw):
-            st = draw.stats[0]
+            st = {k: v for d in draw.stats for k, v in d.items()}
             fh.write(json.dumps(dict(
-                chain=int(draw.chain), tune=bool(draw.tuning), depth=int(st["tree_depth"]),
-                steps=int(st["n_steps"]), step_size=float(st["step_size"]),
+                chain=int(draw.chain), tune=bool(draw.tuning), depth=int(st["depth"]),
+                steps=int(st["tree_size"]), step_size=float(st["step_size"]),
                 diverging=bool(st["diverging"]), t=time.time())) + "\n")
 
         t0 = time.perf_counter()

@@ -298,7 +298,9 @@ class KroneckerNormal(Distribution):
 
         ``R_i`` is ``L_i`` for ``chols``, the symmetric PSD root for ``covs`` and
         :math:`Q_i \operatorname{diag}\sqrt{\lambda_i}` for ``evds``; PSD factors are fine.
-        Reparameterized; cost :math:`O(N \sum_i n_i)` per draw.
+        Reparameterized; cost :math:`O(N \sum_i n_i)` per draw. At an exactly singular
+        factor any root's derivative is unbounded, so gradients through draws have huge
+        variance there: add jitter before differentiating through such samples.
         """
         shape = tuple(sample_shape) + self.batch_shape + self.event_shape
         key_k, key_noise = jax.random.split(key)

@@ -260,11 +260,14 @@ def test_flattening_order_matches_kron():
     close(dist.covariance_matrix, np.kron(np.kron(covs[0], covs[1]), covs[2]))
 
 
+# A singular factor is left out: K -> root(K) is not Lipschitz at a singular K, so for
+# any root the reparameterized gradient estimator has unbounded variance there.
+@pytest.mark.parametrize(
+    "case", [c for c in _grad_cases() if "psd" not in c.kinds], ids=lambda c: c.id
+)
 def test_reparameterized_sample_gradient(case):
     """d/dθ E‖x‖² by reparameterized samples matches d/dθ (tr K + ‖μ‖²)."""
     covs, loc, sigma, _ = build(case)
-    if case.loc_batch or case.factor_batch or isinstance(case.sigma, tuple):
-        pytest.skip("unbatched cases cover the gradient")
     params = param_arrays(case.param, covs)
     s = None if sigma is None else jnp.asarray(sigma, DTYPE)
     key = jax.random.PRNGKey(4)
