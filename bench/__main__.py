@@ -46,7 +46,10 @@ def main(argv=None):
         print(f"\n== {name} ==", flush=True)
         t0 = time.perf_counter()
         try:
-            kw = {"pymc_timeout": a.pymc_timeout} if name == "nuts" else {}
+            kw = {}
+            if name == "nuts":
+                kw = {"pymc_timeout": a.pymc_timeout,
+                      "pymc_mode": sections.get("logp", {}).get("pymc_mode", "NUMBA")}
             sections[name] = workloads.WORKLOADS[name](
                 mode, log=lambda s: print(s, flush=True), **kw)
         except Exception as e:  # noqa: BLE001 - one broken workload must not lose the others
