@@ -12,6 +12,7 @@ from numpyro.distributions.util import validate_sample
 from numpyro.util import not_jax_tracer
 
 from kronjax import linalg
+from kronjax.marginal import KroneckerMarginal
 
 __all__ = ["KroneckerNormal"]
 
@@ -461,6 +462,17 @@ class KroneckerNormal(Distribution):
         return linalg.kron_eig_trace_inv(
             terms, self._eigvals, self._eigvecs, self._sigma2(), covs=self._eig_covs
         )
+
+    def marginal(self, observed) -> KroneckerMarginal:
+        r"""The exact marginal distribution of the cells at ``observed``.
+
+        ``observed`` is a concrete boolean mask ``(N,)`` or an array of unique flat
+        indices; the result has ``event_shape == (n_obs,)`` and serves as the likelihood
+        of an incomplete grid: ``numpyro.sample("y", dist.marginal(mask), obs=y[mask])``.
+        Exact, :math:`O(m N \sum_i n_i + m^3)` for m missing cells, never an
+        :math:`N \times N` array; see :class:`kronjax.marginal.KroneckerMarginal`.
+        """
+        return KroneckerMarginal(self, observed, validate_args=self._validate_args)
 
     @validate_sample
     def log_prob(self, value) -> jax.Array:

@@ -362,7 +362,7 @@ def _cov_solve_bwd(res, y_bar):
     for i, q in enumerate(eigvecs):
         rest = [j for j in range(d) if j != i]
         S = jnp.tensordot(zt * _other_eigvals(eigvals, i), yt, axes=(rest, rest))
-        cov_bars.append(-(q @ S @ q.T))
+        cov_bars.append(-0.5 * (q @ (S + S.T) @ q.T))  # symmetric, as for the other cores
     x_bar = _rotate(eigvecs, zt, transpose=False).reshape(-1)
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
     return (tuple(cov_bars), *zeros, -jnp.sum(zt * yt), x_bar)
@@ -390,12 +390,14 @@ def kron_eig_solve(
     :math:`\tilde y = Q^\top y`, :math:`W_i = \otimes_{j\ne i}\lambda_j`,
 
     .. math::
-        \bar K_i = -Q_i S_i Q_i^\top, \quad
+        \bar K_i = -\tfrac12 Q_i (S_i + S_i^\top) Q_i^\top, \quad
         S_i[a, b] = \textstyle\sum_{\text{rest}} \tilde z[a, \text{rest}]\,
         \tilde y[b, \text{rest}]\, W_i[\text{rest}],
 
-    the contraction of :math:`\bar A = -z y^\top` with the other factors; no eigenvector
-    derivative, finite for repeated eigenvalues. Without ``covs`` plain autodiff
+    the contraction of :math:`\bar A = -z y^\top` with the other factors, symmetrized
+    (:math:`K_i` is symmetric; the gradient is that of a symmetric-matrix argument, as
+    for :func:`kron_eig_logpdf`); no eigenvector derivative, finite for repeated
+    eigenvalues. Without ``covs`` plain autodiff
     differentiates the formula in ``eigvals`` and ``eigvecs``. Cost :math:`O(N \sum_i n_i)`
     per vector, memory :math:`O(N)`.
 
