@@ -52,7 +52,11 @@ def guide(y, covs, noise):
 
 
 def exact_posterior_mean(y, covs, noise):
-    r""":math:`K (K + \sigma^2 I)^{-1} y = Q \big(\lambda / (\lambda + \sigma^2) \circ Q^\top y\big)`."""
+    r"""The exact posterior mean in the eigenbasis of the factors.
+
+    .. math::
+        K (K + \sigma^2 I)^{-1} y = Q \big(\lambda / (\lambda + \sigma^2) \circ Q^\top y\big)
+    """
     evds = [jnp.linalg.eigh(k) for k in covs]
     lam = linalg.kron_outer([v for v, _ in evds])
     qs = [q for _, q in evds]

@@ -59,8 +59,9 @@ def _check_evds(evds) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
             raise _shape_error(f"evds[{i}] eigenvectors", q.shape, "(..., n, n)")
         if v.ndim < 1 or v.shape[-1] != q.shape[-1]:
             raise _shape_error(
-                f"evds[{i}] eigenvalues", v.shape, f"(..., {q.shape[-1]}) to match "
-                f"eigenvectors of shape {tuple(q.shape)}"
+                f"evds[{i}] eigenvalues",
+                v.shape,
+                f"(..., {q.shape[-1]}) to match eigenvectors of shape {tuple(q.shape)}",
             )
         vals.append(v)
         vecs.append(q)
@@ -74,9 +75,7 @@ def _check_noise(noise_factors, sizes) -> tuple[tuple, tuple[bool, ...]]:
     whose trailing dims are ``(n, n)`` is a matrix, so a batch of ``n`` diagonals must be
     passed as diagonal matrices.
     """
-    if isinstance(noise_factors, jax.Array | np.ndarray) or not isinstance(
-        noise_factors, Sequence
-    ):
+    if isinstance(noise_factors, jax.Array | np.ndarray) or not isinstance(noise_factors, Sequence):
         raise ValueError(
             "KroneckerNormal: noise_factors must be a sequence (list or tuple) with one "
             f"entry per factor (None, (..., n_i) or (..., n_i, n_i)); got "
@@ -93,8 +92,10 @@ def _check_noise(noise_factors, sizes) -> tuple[tuple, tuple[bool, ...]]:
         matrix = s is not None and s.ndim >= 2 and s.shape[-2:] == (n, n)
         if s is not None and not matrix and (s.ndim == 0 or s.shape[-1] != n):
             raise _shape_error(
-                f"noise_factors[{i}]", s.shape, f"None, a diagonal (..., {n}) or a matrix "
-                f"(..., {n}, {n}): n_{i} = {n} is the size of factor {i}"
+                f"noise_factors[{i}]",
+                s.shape,
+                f"None, a diagonal (..., {n}) or a matrix "
+                f"(..., {n}, {n}): n_{i} = {n} is the size of factor {i}",
             )
         out.append(s)
         is_matrix.append(matrix)
@@ -225,8 +226,18 @@ class KroneckerNormal(Distribution):
     support = constraints.real_vector
     reparametrized_params = ["loc", "covs", "chols", "evds", "sigma", "noise_factors"]
     pytree_data_fields = (
-        "loc", "covs", "chols", "sigma", "_eig_covs", "_eigvals", "_eigvecs",
-        "noise_factors", "_noise_chols", "_white_covs", "_white_vals", "_white_vecs",
+        "loc",
+        "covs",
+        "chols",
+        "sigma",
+        "_eig_covs",
+        "_eigvals",
+        "_eigvecs",
+        "noise_factors",
+        "_noise_chols",
+        "_white_covs",
+        "_white_vals",
+        "_white_vecs",
     )
 
     def __init__(
@@ -259,8 +270,7 @@ class KroneckerNormal(Distribution):
             loc = jnp.broadcast_to(loc, (n,))
         if loc.shape[-1] != n:
             raise _shape_error(
-                "loc", loc.shape, f"(..., {n}): N = {n} is the product of the factor "
-                f"sizes {sizes}"
+                "loc", loc.shape, f"(..., {n}): N = {n} is the product of the factor sizes {sizes}"
             )
         sigma = None if sigma is None else jnp.asarray(sigma)
         noise, noise_is_matrix = (
@@ -274,7 +284,10 @@ class KroneckerNormal(Distribution):
         batch_shape = _batch_shape(loc, factors, sigma, given[0], extra)
 
         dtype = jnp.result_type(
-            float, loc, *factors, *([] if sigma is None else [sigma]),
+            float,
+            loc,
+            *factors,
+            *([] if sigma is None else [sigma]),
             *(a for a in noise or () if a is not None),
         )
         self.loc = loc.astype(dtype)
@@ -336,7 +349,7 @@ class KroneckerNormal(Distribution):
         """The ``(eigenvalues, eigenvectors)`` pairs when given as ``evds``, else None."""
         if self.covs is not None or self.chols is not None:
             return None
-        return tuple(zip(self._eigvals, self._eigvecs))
+        return tuple(zip(self._eigvals, self._eigvecs, strict=True))
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
@@ -373,7 +386,8 @@ class KroneckerNormal(Distribution):
         return 0.0 if self.sigma is None else jnp.square(self.sigma)
 
     def _chol_half_logdet(self) -> jax.Array:
-        r""":math:`\tfrac12 \log\det \otimes L_i L_i^\top = \sum_i (N/n_i) \sum \log|\operatorname{diag} L_i|`."""
+        r""":math:`\tfrac12 \log\det \otimes L_i L_i^\top
+        = \sum_i (N/n_i) \sum \log|\operatorname{diag} L_i|`."""
         return _tri_half_logdet(self.chols, self.event_shape[0])
 
     # -- Kronecker-structured noise ---------------------------------------------------
@@ -391,14 +405,21 @@ class KroneckerNormal(Distribution):
     def _noise_mats(self) -> tuple[jax.Array, ...]:
         """The dense noise factors ``S_i`` (small, ``n_i × n_i``)."""
         return tuple(
-            jnp.eye(n, dtype=self.loc.dtype) if a is None
-            else a if c is not None else a[..., None] * jnp.eye(n, dtype=a.dtype)
-            for a, c, n in zip(self.noise_factors, self._noise_chols, self.factor_sizes, strict=True)
+            jnp.eye(n, dtype=self.loc.dtype)
+            if a is None
+            else a
+            if c is not None
+            else a[..., None] * jnp.eye(n, dtype=a.dtype)
+            for a, c, n in zip(
+                self.noise_factors, self._noise_chols, self.factor_sizes, strict=True
+            )
         )
 
     def _noise_half_logdet(self) -> jax.Array:
         r""":math:`\log|\det C| = \tfrac12 \log\det \otimes_i S_i`."""
-        roots = [c for c, a in zip(self._noise_roots(), self.noise_factors, strict=True) if a is not None]
+        roots = [
+            c for c, a in zip(self._noise_roots(), self.noise_factors, strict=True) if a is not None
+        ]
         return _tri_half_logdet(roots, self.event_shape[0])
 
     # -- structured solves, used by the marginal and the KL divergence ------------------
@@ -506,14 +527,15 @@ class KroneckerNormal(Distribution):
             return tuple(map(linalg.psd_sqrt, self.covs, self._eigvals, self._eigvecs))
         return tuple(
             q * jnp.sqrt(jnp.maximum(v, 0))[..., None, :]
-            for v, q in zip(self._eigvals, self._eigvecs)
+            for v, q in zip(self._eigvals, self._eigvecs, strict=True)
         )
 
     def sample(self, key, sample_shape=()) -> jax.Array:
-        r"""Draw :math:`x = \mu + (\otimes R_i) z_1 + \sigma (\otimes C_i) z_2`, :math:`R_i R_i^\top = K_i`.
+        r"""Draw :math:`x = \mu + (\otimes R_i) z_1 + \sigma (\otimes C_i) z_2`.
 
-        ``R_i`` is ``L_i`` for ``chols``, the symmetric PSD root for ``covs`` and
-        :math:`Q_i \operatorname{diag}\sqrt{\lambda_i}` for ``evds``; PSD factors are fine.
+        :math:`R_i R_i^\top = K_i`: ``R_i`` is ``L_i`` for ``chols``, the symmetric PSD
+        root for ``covs`` and :math:`Q_i \operatorname{diag}\sqrt{\lambda_i}` for ``evds``;
+        PSD factors are fine.
         :math:`C_i C_i^\top = S_i` are the noise roots (identity without ``noise_factors``).
         Reparameterized; cost :math:`O(N \sum_i n_i)` per draw.
         """
@@ -598,7 +620,9 @@ class KroneckerNormal(Distribution):
             if self.covs is not None:
                 asym = float(jnp.max(jnp.abs(f - jnp.swapaxes(f, -1, -2))))
                 if asym > _tol(f, f.shape[-1]):
-                    raise ValueError(f"KroneckerNormal: {arg} is not symmetric (max |K - Kᵀ| = {asym:.3g})")
+                    raise ValueError(
+                        f"KroneckerNormal: {arg} is not symmetric (max |K - Kᵀ| = {asym:.3g})"
+                    )
             if self.chols is not None:
                 if bool(jnp.any(jnp.triu(f, 1) != 0)):
                     raise ValueError(f"KroneckerNormal: {arg} is not lower triangular")

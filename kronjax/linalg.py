@@ -118,16 +118,13 @@ def kron_solve_triangular(
     :math:`O(N \sum_i n_i)`.
     """
     sizes = tuple(jnp.shape(c)[-1] for c in chols)
-    d = len(sizes)
 
     def solve(*args):
         *ls, v = args
         t = v.reshape(sizes)
         for k, lk in enumerate(ls):
             moved = jnp.moveaxis(t, k, 0)
-            solved = solve_triangular(
-                lk, moved.reshape(sizes[k], -1), lower=True, trans=int(trans)
-            )
+            solved = solve_triangular(lk, moved.reshape(sizes[k], -1), lower=True, trans=int(trans))
             t = jnp.moveaxis(solved.reshape(moved.shape), 0, k)
         return t.reshape(-1)
 
@@ -201,7 +198,7 @@ def _cov_logpdf_bwd(res, g):
     eigvals, eigvecs, alpha, D = res
     d = len(eigvals)
     cov_bars = []
-    for i, (q, gi) in enumerate(zip(eigvecs, _logdet_grads(eigvals, D))):
+    for i, (q, gi) in enumerate(zip(eigvecs, _logdet_grads(eigvals, D), strict=True)):
         rest = [j for j in range(d) if j != i]
         weighted = alpha * _other_eigvals(eigvals, i)
         S = jnp.tensordot(weighted, alpha, axes=(rest, rest))
@@ -232,9 +229,8 @@ def _cov_logdet_fwd(covs, eigvals, eigvecs, sigma2):
 
 def _cov_logdet_bwd(res, g):
     eigvals, eigvecs, D = res
-    cov_bars = tuple(
-        g * (q * gi) @ q.T for q, gi in zip(eigvecs, _logdet_grads(eigvals, D))
-    )
+    grads = _logdet_grads(eigvals, D)
+    cov_bars = tuple(g * (q * gi) @ q.T for q, gi in zip(eigvecs, grads, strict=True))
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
     return (cov_bars, *zeros, g * jnp.sum(1 / D))
 
@@ -272,7 +268,8 @@ def kron_eig_logpdf(
     and :math:`W_i = \otimes_{j\ne i}\lambda_j`:
 
     .. math::
-        \frac{\partial \log p}{\partial K_i} = \tfrac12 Q_i (S_i - \operatorname{diag} g_i) Q_i^\top,
+        \frac{\partial \log p}{\partial K_i}
+        = \tfrac12 Q_i (S_i - \operatorname{diag} g_i) Q_i^\top,
         \quad S_i = \textstyle\sum_{\text{rest}} \tilde\alpha\,\tilde\alpha^\top W_i,
         \quad g_i = \sum_{\text{rest}} W_i / D,
 
@@ -292,7 +289,7 @@ def kron_eig_logpdf(
     vals, vecs = _eig_args(eigvals, eigvecs, covs)
     sig = _sizes_sig(sizes, "({0})") + _sizes_sig(sizes, "({0},{0})") + ["()", "(N)"]
     if covs is None:
-        fn = lambda *a: _eig_logpdf(a[:len(sizes)], a[len(sizes):-2], *a[-2:])  # noqa: E731
+        fn = lambda *a: _eig_logpdf(a[: len(sizes)], a[len(sizes) : -2], *a[-2:])  # noqa: E731
         return _per_example(fn, sig, "->()")(*vals, *vecs, sigma2, r)
     d = len(sizes)
     fn = lambda *a: _cov_logpdf(a[:d], a[d : 2 * d], a[2 * d : 3 * d], *a[3 * d :])  # noqa: E731
@@ -514,7 +511,9 @@ def kron_eig_trace_inv(
         return _per_example(fn, sig, "->()")(*vals, *vecs, sigma2, *flat)
 
     def fn(*a):
-        return _cov_trace(a[:d], a[d : 2 * d], a[2 * d : 3 * d], a[3 * d], unflatten(a[3 * d + 1 :]))
+        return _cov_trace(
+            a[:d], a[d : 2 * d], a[2 * d : 3 * d], a[3 * d], unflatten(a[3 * d + 1 :])
+        )
 
     sig = _sizes_sig(sizes, "({0},{0})") + sig
     return _per_example(fn, sig, "->()")(*covs, *vals, *vecs, sigma2, *flat)
