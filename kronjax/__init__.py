@@ -5,12 +5,14 @@
 ``O(Σ n_i³ + N Σ n_i)``; ``KroneckerNormal.marginal`` gives the exact ``KroneckerMarginal``
 of an incomplete grid; importing kronjax registers the analytic
 ``numpyro.distributions.kl.kl_divergence`` between two ``KroneckerNormal`` s; ``linalg``
-holds the structured operations under them.
+holds the structured operations under them, ``gp`` GP prediction on grids and at points,
+and ``KroneckerReparam`` the whitened form of a latent site for NUTS.
 """
 
-from kronjax import kl, linalg
+from kronjax import gp, kl, linalg
 from kronjax.distribution import KroneckerNormal
 from kronjax.marginal import KroneckerMarginal
+from kronjax.reparam import KroneckerReparam
 
-__all__ = ["KroneckerMarginal", "KroneckerNormal", "kl", "linalg"]
+__all__ = ["KroneckerMarginal", "KroneckerNormal", "KroneckerReparam", "gp", "kl", "linalg"]
 __version__ = "0.1.0"

@@ -386,8 +386,10 @@ class KroneckerNormal(Distribution):
         return 0.0 if self.sigma is None else jnp.square(self.sigma)
 
     def _chol_half_logdet(self) -> jax.Array:
-        r""":math:`\tfrac12 \log\det \otimes L_i L_i^\top
-        = \sum_i (N/n_i) \sum \log|\operatorname{diag} L_i|`."""
+        r"""Half the log determinant of :math:`\otimes L_i L_i^\top`.
+
+        .. math:: \tfrac12 \log\det = \textstyle\sum_i (N/n_i) \sum \log|\operatorname{diag} L_i|
+        """
         return _tri_half_logdet(self.chols, self.event_shape[0])
 
     # -- Kronecker-structured noise ---------------------------------------------------
@@ -535,9 +537,11 @@ class KroneckerNormal(Distribution):
 
         :math:`R_i R_i^\top = K_i`: ``R_i`` is ``L_i`` for ``chols``, the symmetric PSD
         root for ``covs`` and :math:`Q_i \operatorname{diag}\sqrt{\lambda_i}` for ``evds``;
-        PSD factors are fine.
-        :math:`C_i C_i^\top = S_i` are the noise roots (identity without ``noise_factors``).
-        Reparameterized; cost :math:`O(N \sum_i n_i)` per draw.
+        PSD factors are fine. :math:`C_i C_i^\top = S_i` are the noise roots (identity
+        without ``noise_factors``). Reparameterized; cost :math:`O(N \sum_i n_i)` per draw.
+        At an exactly singular factor any root's derivative is unbounded, so gradients
+        through draws have huge variance there: add jitter before differentiating through
+        such samples.
         """
         shape = tuple(sample_shape) + self.batch_shape + self.event_shape
         key_k, key_noise = jax.random.split(key)

@@ -1,0 +1,342 @@
+"""Markdown tables, the targets of issue 4, JSON and log-log plots from the workload sections."""
+
+import json
+import math
+
+FAST_PEERS = ("gpytorch", "gpytorch-nochol")  # GPyTorch's time = its faster float64 setting
+PYMC = ("pymc-numba", "pymc-cvm")
+
+
+def _t(s):
+    """Seconds as a short human string."""
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return "—"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.0f} µs"
+
+
+def _e(x):
+    return "—" if x is None else ("inf/NaN" if math.isinf(x) else f"{x:.1e}")
+
+
+def _table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _by(rows, *keys):
+    out = {}
+    for r in rows:
+        out[tuple(r.get(k) for k in keys)] = r
+    return out
+
+
+def _best(rows, grid, names):
+    """The fastest row among systems ``names`` at ``grid`` (None if none ran)."""
+    c = [r for r in rows if r["grid"] == grid and r["system"] in names and r.get("median_s")]
+    return min(c, key=lambda r: r["median_s"]) if c else None
+
+
+# --- per-workload renderers --------------------------------------------------------------
+
+
+def _logp(sec):
+    rows = sec["rows"]
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    grids = list(dict.fromkeys(r["grid"] for r in rows))
+    idx = _by(rows, "grid", "system")
+    head = ["grid", "N"] + [s + (" (× kronjax)" if s != "kronjax" else "") for s in systems]
+    body = []
+    for g in grids:
+        k = idx.get((g, "kronjax"), {}).get("median_s")
+        n = next(r["N"] for r in rows if r["grid"] == g)
+        cells = []
+        for s in systems:
+            r = idx.get((g, s))
+            if r is None:
+                cells.append("")
+            elif r.get("median_s") is None:
+                cells.append(r.get("note", "")[:40])
+            else:
+                t = _t(r["median_s"]) + ("≥" if r.get("reps") == 1 else "")
+                cells.append(t if s == "kronjax" or not k else f"{t} ({r['median_s'] / k:.2f}×)")
+        body.append([g, f"{n:,}", *cells])
+    md = [_table(head, body), "", "Details (agreement first; compile = first call − median):", ""]
+    det = [[r["grid"], r["system"], r.get("dtype", ""), _t(r.get("median_s")),
+            _t(r.get("compile_s")), r.get("reps", ""), _e(r.get("err_lp")),
+            _e(r.get("err_grad")), r.get("ref", ""), r.get("threads", ""), r.get("note", "")]
+           for r in rows]
+    md.append(_table(["grid", "system", "dtype", "median", "compile", "reps", "err logp",
+                      "err grad", "vs", "threads", "note"], det))
+    return "\n".join(md)
+
+
+def _sample(sec):
+    rows = sec["rows"]
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    idx = _by(rows, "grid", "system")
+    body = []
+    for g in dict.fromkeys(r["grid"] for r in rows):
+        k = idx.get((g, "kronjax"), {}).get("draws_per_s")
+        cells = []
+        for s in systems:
+            r = idx.get((g, s))
+            if r is None:
+                cells.append("")
+            elif r.get("draws_per_s") is None:
+                cells.append(r.get("note", "")[:40])
+            else:
+                v = f"{r['draws_per_s']:.3g}"
+                cells.append(v if s == "kronjax" or not k else f"{v} ({k / r['draws_per_s']:.3g}×)")
+        body.append([g, f"{next(r['N'] for r in rows if r['grid'] == g):,}", *cells])
+    head = ["grid", "N"] + [s + (" (kronjax speed-up)" if s != "kronjax" else "") + " draws/s"
+                            for s in systems]
+    det = [[r["grid"], r["system"], r.get("draws", ""), _t(r.get("median_s")),
+            _t(r.get("compile_s")), r.get("reps", ""),
+            "—" if r.get("chi2_z") is None else f"{r['chi2_z']:+.2f}", r.get("note", "")]
+           for r in rows]
+    return "\n".join([_table(head, body), "", "Details:", "",
+                      _table(["grid", "system", "draws/call", "median/call", "compile", "reps",
+                              "chi2 z", "note"], det)])
+
+
+def _predict(sec):
+    if not sec["rows"]:
+        return ""
+    return _table(["grid", "N", "N test", "median", "compile", "err mean", "err var", "note"],
+                  [[r["grid"], r["N"], r.get("N_test", ""), _t(r.get("median_s")),
+                    _t(r.get("compile_s")), _e(r.get("err_mean")), _e(r.get("err_var")),
+                    r.get("note", "")] for r in sec["rows"]])
+
+
+def _vmap(sec):
+    idx = _by(sec["rows"], "B", "system")
+    body = []
+    for b in dict.fromkeys(r["B"] for r in sec["rows"]):
+        v = idx[(b, "kronjax-vmap")]["median_s"]
+        cells = []
+        for s in ("kronjax-vmap", "kronjax-loop", "gpytorch-batch"):
+            r = idx.get((b, s))
+            if r is None:
+                cells.append("")
+                continue
+            c = f"{_t(r['median_s'])} ({r['per_setting_us']:.0f} µs/set)"
+            cells.append(c if s == "kronjax-vmap" else f"{c} ({r['median_s'] / v:.1f}×)")
+        errs = max(max(r["err_lp"], r["err_grad"]) for r in sec["rows"] if r["B"] == b)
+        body.append([b, *cells, _e(errs)])
+    return _table(["B", "kronjax vmap", "Python loop (× vmap)", "GPyTorch batch (× vmap)",
+                   "max err"], body)
+
+
+def _nuts(sec):
+    rows = sec["rows"]
+    idx = _by(rows, "grid", "system")
+    body = []
+    for r in rows:
+        pm = idx.get((r["grid"], "pymc"), {})
+        ratio = ""
+        if r["system"] == "numpyro-kronjax" and r.get("ess_per_s"):
+            if pm.get("ess_per_s"):
+                ratio = (f"{r['ess_per_s'] / pm['ess_per_s']:.1f}× "
+                         f"({r['ess_per_s_compile'] / pm['ess_per_s_compile']:.1f}× w/ compile)")
+            elif pm.get("note"):
+                ratio = "PyMC did not finish"
+        if r.get("ess_per_s") is None:
+            note = r.get("note", "") or r.get("error", "")[-200:].replace("\n", " ")
+            prog = ""
+            if "iterations" in r:
+                prog = (f"reached {r['iterations']} iterations; mean depth "
+                        f"{r['mean_tree_depth']:.2f}, leapfrog {r['mean_leapfrog']:.0f}, "
+                        f"step {[round(s, 5) for s in r['step_size']]}, "
+                        f"{100 * r['max_tree_depth_frac']:.0f}% at max depth")
+            body.append([r["grid"], r["system"], "", "", "", "", "", "",
+                         r.get("divergences", ""), "", "", "", f"{note} {prog}"])
+            continue
+        body.append([r["grid"], r["system"], f"{r['wall_s']:.2f}", f"{r['compile_s']:.1f}",
+                     f"{r['wall_compile_s']:.1f}", f"{r['ess_min']:.0f}",
+                     f"{r['ess_per_s']:.1f}", f"{r['ess_per_s_compile']:.1f}", r["divergences"],
+                     f"{r['mean_tree_depth']:.2f}", f"{r['mean_leapfrog']:.1f}",
+                     ", ".join(f"{s:.3g}" for s in r["step_size"]), ratio])
+    md = [_table(["grid", "system", "wall s (no compile)", "compile s", "wall s (total)",
+                  "min ESS", "ESS/s", "ESS/s w/ compile", "div", "tree depth", "leapfrog",
+                  "step size", "kronjax ESS/s ÷ PyMC"], body)]
+    if sec.get("grad_rows"):
+        md += ["", "Why PyMC collapses — gradients at the data-generating point and two random "
+               "points vs the dense SciPy reference (max relative error over the 3 points):", "",
+               _table(["grid", "system", "err logp", "err grad", "factor eigenvalues < 1e-12·max"],
+                      [[r["grid"], r["system"], _e(r["err_lp"]), _e(r["err_grad"]),
+                        r["tiny_eigvals"]] for r in sec["grad_rows"]])]
+    return "\n".join(md)
+
+
+def _memory(sec):
+    return _table(["grid", "system", "baseline MiB", "peak above MiB", "× N·8 B",
+                   "target MiB", "compile peak MiB", "note"],
+                  [[r["grid"], r["system"], f"{r.get('baseline_mb', float('nan')):.0f}",
+                    f"{r.get('peak_above_mb', float('nan')):.0f}",
+                    f"{r.get('n_times_8N', float('nan')):.1f}",
+                    f"{r.get('target_mb', float('nan')):.0f}",
+                    "—" if r.get("compile_peak_mb") is None else f"{r['compile_peak_mb']:.0f}",
+                    r.get("error", "")[-200:].replace("\n", " ")] for r in sec["rows"]])
+
+
+RENDER = {"logp": _logp, "sample": _sample, "predict": _predict, "vmap": _vmap, "nuts": _nuts,
+          "memory": _memory}
+
+
+# --- targets -------------------------------------------------------------------------------
+
+
+def targets(sections):
+    """Each target of issue 4 with the measured ratios: (target, verdict, evidence)."""
+    out = []
+    sec = sections.get("logp")
+    if sec:
+        rows = sec["rows"]
+        ks = [r for r in rows if r["system"] == "kronjax" and r.get("median_s")]
+        for label, names, bound, small in (
+            ("logp+grad ≤ 0.8× GPyTorch, every size", FAST_PEERS, 0.8, False),
+            ("logp+grad ≤ 0.25× GPyTorch at N ≤ 32³", FAST_PEERS, 0.25, True),
+            ("logp+grad ≤ 0.2× PyMC, every size", PYMC, 0.2, False),
+            ("logp+grad ≤ 1.5× floor at ≥ 64³ and 1024²", ("floor",), 1.5, None),
+        ):
+            ev, ok = [], True
+            for k in ks:
+                if small and k["N"] > 32**3:
+                    continue
+                if small is None and not ((k["d"] == 3 and k["N"] >= 64**3) or k["N"] >= 1024**2):
+                    continue
+                p = _best(rows, k["grid"], names)
+                if p is None:
+                    continue
+                ratio = k["median_s"] / p["median_s"]
+                ok &= ratio <= bound
+                ev.append(f"{k['grid']} {ratio:.2f}")
+            out.append((label, "—" if not ev else ("met" if ok else "MISSED"),
+                        "kronjax/peer: " + ", ".join(ev)))
+    sec = sections.get("sample")
+    if sec:
+        ev, ok = [], True
+        for k in sec["rows"]:
+            if k["system"] != "kronjax" or k["N"] < 4096 or not k.get("draws_per_s"):
+                continue
+            p = _best(sec["rows"], k["grid"], PYMC)
+            if p:
+                ratio = k["draws_per_s"] / p["draws_per_s"]
+                ok &= ratio >= 100
+                ev.append(f"{k['grid']} {ratio:.3g}×")
+        out.append(("sampling ≥ 100× PyMC draws/s at N ≥ 4096", "—" if not ev else
+                    ("met" if ok else "MISSED"), ", ".join(ev)))
+    sec = sections.get("vmap")
+    if sec:
+        idx = _by(sec["rows"], "B", "system")
+        if (1024, "kronjax-vmap") in idx:
+            ratio = idx[(1024, "kronjax-loop")]["median_s"] / idx[(1024, "kronjax-vmap")]["median_s"]
+            out.append(("vmap of 1024 settings ≥ 10× the Python loop",
+                        "met" if ratio >= 10 else "MISSED", f"loop/vmap = {ratio:.1f}×"))
+    sec = sections.get("nuts")
+    if sec:
+        ev, ok = [], True
+        idx = _by(sec["rows"], "grid", "system")
+        for (g, s), r in idx.items():
+            if s != "numpyro-kronjax" or not r.get("ess_per_s"):
+                continue
+            pm = idx.get((g, "pymc"), {})
+            if pm.get("ess_per_s"):
+                a = r["ess_per_s"] / pm["ess_per_s"]
+                b = r["ess_per_s_compile"] / pm["ess_per_s_compile"]
+                ok &= a >= 5
+                ev.append(f"{g} {a:.1f}× ({b:.1f}× counting compile)")
+            elif pm:
+                ev.append(f"{g} PyMC did not finish")
+        out.append(("NUTS ESS/s ≥ 5× PyMC (compile excluded)", "—" if not ev else
+                    ("met" if ok else "MISSED"), ", ".join(ev)))
+    sec = sections.get("memory")
+    if sec:
+        for r in sec["rows"]:
+            if r["system"] == "kronjax" and "peak_above_mb" in r:
+                out.append((f"peak RSS at {r['grid']} ≤ 12 × N × 8 B",
+                            "met" if r["n_times_8N"] <= 12 else "MISSED",
+                            f"{r['peak_above_mb']:.0f} MiB = {r['n_times_8N']:.1f} × N × 8 B"))
+    return out
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def markdown(meta, sections):
+    """The whole RESULTS.md text."""
+    md = ["# kronjax benchmark results", "",
+          f"- date: {meta['date']}", f"- command: `{meta['command']}` (mode `{meta['mode']}`)",
+          f"- machine: {meta['machine']}", f"- load average at start / end: {meta['load_start']} / "
+          f"{meta.get('load_end', '?')} (a shared machine: other jobs may add noise)",
+          "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+          f"- threads: {meta['threads']}", "- dtype float64 unless a system says f32; "
+          "RBF factors exp(-(x-x')²/(2ℓ²)) on linspace(0, 1, n) axes, ℓ = (0.2, 0.3, 0.25), "
+          "σ = 0.1, y drawn from the model; times are medians over ≥ 5 calls after a warm-up.",
+          f"- GPU: {meta.get('gpu', 'none on this machine')}", ""]
+    tg = targets(sections)
+    if tg:
+        md += ["## Targets of issue 4", "", _table(["target", "verdict", "measured"], tg), ""]
+    for key in ("logp", "sample", "predict", "vmap", "nuts", "memory"):
+        sec = sections.get(key)
+        if not sec:
+            continue
+        md += [f"## {sec['title']}", "", RENDER[key](sec), ""]
+        md += [f"- {n}" for n in sec.get("notes", [])] + [""]
+        if key in ("logp", "sample"):
+            md += [f"![{key} {d}-D]({key}_{d}d.png)" for d in (2, 3)] + [""]
+    return "\n".join(md)
+
+
+def plots(sections, outdir):
+    """Log-log time vs N per system, the floor dashed; one PNG per workload and dimension."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    for key, ylab in (("logp", "logp + grad time per call [s]"),
+                      ("sample", "time per draw [s]")):
+        sec = sections.get(key)
+        if not sec:
+            continue
+        for d in (2, 3):
+            rows = [r for r in sec["rows"] if r["d"] == d and r.get("median_s")]
+            if not rows:
+                continue
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for s in dict.fromkeys(r["system"] for r in rows):
+                rs = sorted((r for r in rows if r["system"] == s), key=lambda r: r["N"])
+                y = [r["median_s"] / r.get("draws", 1) for r in rs]
+                style = dict(ls="--", color="k", lw=2) if s in ("floor", "numpy-eig") and (
+                    key == "logp" and s == "floor" or key == "sample" and s == "numpy-eig") else {}
+                lw = dict(lw=2.5) if s == "kronjax" else {}
+                ax.loglog([r["N"] for r in rs], y, marker="o", label=s, **style, **lw)
+            ax.set_xlabel("N (grid points)")
+            ax.set_ylabel(ylab)
+            ax.set_title(f"{sec['title']} — {d}-D grids")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+            fig.tight_layout()
+            path = f"{outdir}/{key}_{d}d.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            made.append(path)
+    return made
+
+
+def write(meta, sections, outdir):
+    """Write RESULTS.md, results_<mode>.json and the plots; return the Markdown."""
+    md = markdown(meta, sections)
+    with open(f"{outdir}/RESULTS.md", "w") as f:
+        f.write(md)
+    with open(f"{outdir}/results_{meta['mode']}.json", "w") as f:
+        json.dump({"meta": meta, "sections": sections}, f, indent=1, default=str)
+    plots(sections, outdir)
+    return md
