@@ -1,14 +1,18 @@
 """kronjax: Kronecker-structured Gaussians for NumPyro.
 
-``KroneckerNormal`` is a NumPyro distribution for ``N(loc, K_1 ⊗ … ⊗ K_d + σ² I)`` whose
-log density, gradient and samples cost ``O(Σ n_i³ + N Σ n_i)``; ``linalg`` holds the
-structured operations under it, ``gp`` GP prediction on grids and at points, and
-``KroneckerReparam`` the whitened form of a latent site for NUTS.
+``KroneckerNormal`` is a NumPyro distribution for ``N(loc, K_1 ⊗ … ⊗ K_d + σ² I)`` (or
+``σ² S_1 ⊗ … ⊗ S_d`` noise) whose log density, gradient and samples cost
+``O(Σ n_i³ + N Σ n_i)``; ``KroneckerNormal.marginal`` gives the exact ``KroneckerMarginal``
+of an incomplete grid; importing kronjax registers the analytic
+``numpyro.distributions.kl.kl_divergence`` between two ``KroneckerNormal`` s; ``linalg``
+holds the structured operations under them, ``gp`` GP prediction on grids and at points,
+and ``KroneckerReparam`` the whitened form of a latent site for NUTS.
 """
 
-from kronjax import gp, linalg
+from kronjax import gp, kl, linalg
 from kronjax.distribution import KroneckerNormal
+from kronjax.marginal import KroneckerMarginal
 from kronjax.reparam import KroneckerReparam
 
-__all__ = ["KroneckerNormal", "KroneckerReparam", "gp", "linalg"]
+__all__ = ["KroneckerMarginal", "KroneckerNormal", "KroneckerReparam", "gp", "kl", "linalg"]
 __version__ = "0.1.0"
