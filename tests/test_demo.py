@@ -43,10 +43,10 @@ def test_demo_runs(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = re.findall(r"^(GP .*|climatology .*?)\s+(\S+)\s+(\d+)%$", printed, re.M)
+    rows = re.findall(r"^(GP .*|climatology .*?)\s+(\S+)\s+(\d+)%\s+(\S+)$", printed, re.M)
     assert len(rows) == 2, printed
-    for _, rmse, cover in rows:
-        assert math.isfinite(float(rmse)) and 0 <= int(cover) <= 100
+    for _, rmse, cover, width in rows:
+        assert math.isfinite(float(rmse)) and 0 <= int(cover) <= 100 and float(width) > 0
     for stage in ("optax", "NUTS", "forecast", "plot"):
         assert re.search(rf"{stage} [\d.]+ s", printed)
 
