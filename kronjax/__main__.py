@@ -1,10 +1,11 @@
-"""Command line: ``python -m kronjax demo`` runs the main demo."""
+"""Command line: ``python -m kronjax demo`` runs the El Niño forecast demo;
+``python -m kronjax synthetic`` fits a simulated 3-D grid."""
 
 import sys
 
-from kronjax import synthetic_demo
+from kronjax import demo, synthetic_demo
 
-COMMANDS = {"demo": synthetic_demo.main, "synthetic": synthetic_demo.main}
+COMMANDS = {"demo": demo.main, "synthetic": synthetic_demo.main}
 
 
 def main(argv=None) -> None:
