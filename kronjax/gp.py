@@ -195,6 +195,9 @@ def _eigen_parts(dist: KroneckerNormal):
     here from :math:`K_i = L_i L_i^\top` (``O(Σ n_i³)``), with gradients to ``L_i`` through
     :math:`K_i`.
     """
+    if dist.noise_factors is not None:  # the factors whitened by the noise roots
+        vals, vecs = jax.lax.stop_gradient((dist._white_vals, dist._white_vecs))
+        return dist._white_covs, vals, vecs
     if dist._eigvals is not None:
         covs = dist._eig_covs
         vals, vecs = dist._eigvals, dist._eigvecs
@@ -285,6 +288,12 @@ def predict(
       :math:`v_*[j] = \prod_i K_{**i}[j] - \sum_k \prod_i B_i[j, k_i]^2 / D_k`.
       Cost :math:`O(p N)`, largest intermediate ``(p, N / max n_i)``.
 
+    With ``noise_factors`` (:math:`A = C(\otimes\tilde K_i + \sigma^2 I)C^\top`,
+    :math:`C = \otimes C_i`) the same formulas run on the whitened factors
+    :math:`\tilde K_i`, the residual :math:`C^{-1}(y - \mu)` and the cross-covariances
+    :math:`K_{*i} C_i^{-\top}`; ``pred_noise`` is then undefined (the noise factors
+    describe the training grid only) and raises ``ValueError``.
+
     The prior mean at the test points is taken as zero: ``mean`` is
     :math:`K_{*N} A^{-1}(y - \mu)`, the posterior mean of :math:`f_* - m(X_*)`. Add your
     mean function at the test points yourself (for a constant ``loc`` c, add c). PyMC's
@@ -319,7 +328,24 @@ def predict(
     y, kstars, diags = _check_inputs(dist, y, cross_covs, test_diags, grid)
     covs, vals, vecs = _eigen_parts(dist)
     sigma2 = jnp.zeros((), dist.loc.dtype) if dist.sigma is None else jnp.square(dist.sigma)
-    alpha = linalg.kron_eig_solve(y - dist.loc, vals, vecs, sigma2, covs=covs)
+    r = y - dist.loc
+    if dist.noise_factors is not None:
+        if pred_noise:
+            raise ValueError(
+                "predict: pred_noise=True is undefined with noise_factors, which give the "
+                "noise of the training grid only; add the noise variance at your test points"
+            )
+        # A = C (⊗K̃_i + σ²I) Cᵀ: whiten the residual by C⁻¹ and the cross-covariances by C⁻ᵀ
+        roots = dist._noise_roots()
+        r = linalg.kron_solve_triangular(roots, r)
+        solve = jnp.vectorize(
+            partial(jax.scipy.linalg.solve_triangular, lower=True), signature="(n,n),(n,m)->(n,m)"
+        )
+        kstars = tuple(
+            jnp.swapaxes(solve(c, jnp.swapaxes(k, -1, -2)), -1, -2)
+            for c, k in zip(roots, kstars, strict=True)
+        )
+    alpha = linalg.kron_eig_solve(r, vals, vecs, sigma2, covs=covs)
     if grid:
         mean = linalg.kron_matvec(kstars, alpha)
     else:

@@ -13,7 +13,16 @@ __all__ = ["KroneckerReparam"]
 
 
 def _root_matvec(fn: KroneckerNormal, z: jax.Array) -> jax.Array:
-    r""":math:`R z` with :math:`R R^\top = \otimes K_i + \sigma^2 I`, differentiable in ``fn``."""
+    r""":math:`R z` with :math:`R R^\top = \otimes K_i + \sigma^2 I`, differentiable in ``fn``.
+
+    With noise factors :math:`R = C\,(\otimes\tilde K_i + \sigma^2 I)^{1/2}`,
+    :math:`C = \otimes C_i`.
+    """
+    if fn.noise_factors is not None:
+        white = linalg.kron_eig_sqrt_matvec(
+            z, fn._white_vals, fn._white_vecs, jnp.square(fn.sigma), covs=fn._white_covs
+        )
+        return linalg.kron_matvec(fn._noise_roots(), white)
     if fn.sigma is None:
         return linalg.kron_matvec(fn._roots(), z)
     return linalg.kron_eig_sqrt_matvec(

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import scipy.stats
 from conftest import RTOL
+from numpyro import handlers
 
+import kronjax
 from kronjax import KroneckerNormal
 
 
@@ -285,3 +287,41 @@ def test_value_errors_with_validate_args(noise, match):
         KroneckerNormal(
             np.zeros(12), covs=[np.eye(3), np.eye(4)], noise_factors=noise, validate_args=True
         )
+
+
+@pytest.mark.parametrize("grid", [True, False], ids=["grid", "points"])
+@pytest.mark.parametrize("kind", ["covs", "chols", "evds"])
+def test_predict_with_noise_factors_matches_dense(rng, kind, grid):
+    """Posterior mean and variance under σ²·⊗S_i noise against the dense GP formulas."""
+    covs, noise = _make(rng, (3, 4), ("mat", "diag"))
+    loc, y = rng.normal(size=12), rng.normal(size=12)
+    rows = (2, 5) if grid else (6, 6)
+    kstars = [rng.normal(size=(m, n)) * 0.5 for m, n in zip(rows, (3, 4), strict=True)]
+    diags = [rng.uniform(1.0, 2.0, m) for m in rows]
+    d = KroneckerNormal(loc, **_as_param(kind, covs), sigma=0.6, noise_factors=noise)
+    mean, var = jax.jit(lambda d: kronjax.gp.predict(d, y, kstars, diags, grid=grid))(d)
+    a = np.asarray(_dense_cov([jnp.asarray(k) for k in covs], 0.6, noise), np.float64)
+    if grid:
+        cross, prior = np.kron(*kstars), np.kron(*diags)
+    else:
+        cross = np.stack([np.kron(r0, r1) for r0, r1 in zip(*kstars, strict=True)])
+        prior = diags[0] * diags[1]
+    want_mean = cross @ np.linalg.solve(a, y - loc)
+    want_var = prior - np.einsum("mn,nm->m", cross, np.linalg.solve(a, cross.T))
+    np.testing.assert_allclose(mean, want_mean, rtol=RTOL, atol=RTOL * np.abs(want_mean).max())
+    np.testing.assert_allclose(var, want_var, rtol=RTOL, atol=RTOL * np.abs(want_var).max())
+    with pytest.raises(ValueError, match="pred_noise=True is undefined with noise_factors"):
+        kronjax.gp.predict(d, y, kstars, diags, grid=grid, pred_noise=True)
+
+
+@pytest.mark.parametrize("sigma", [None, 0.5])
+def test_reparam_root_with_noise_factors(rng, sigma):
+    """f = loc + R z with R Rᵀ = ⊗K_i + σ²·⊗S_i: feeding z = I recovers R."""
+    covs, noise = _make(rng, (3, 4), ("diag", "mat"))
+    loc = rng.normal(size=12)
+    d = KroneckerNormal(loc, covs=covs, sigma=sigma, noise_factors=noise)
+    with handlers.seed(rng_seed=0), handlers.substitute(data={"f_decentered": jnp.eye(12)}):
+        _, value = kronjax.KroneckerReparam()("f", d, None)
+    root = np.asarray(value - loc).T
+    want = np.asarray(_dense_cov([jnp.asarray(k) for k in covs], sigma, noise), np.float64)
+    np.testing.assert_allclose(root @ root.T, want, atol=10 * RTOL * np.abs(want).max())
