@@ -147,6 +147,11 @@ def _outer_tensor(vectors: Sequence[jax.Array]) -> jax.Array:
     return out
 
 
+def _spectrum(eigvals, sigma2) -> jax.Array:
+    r""":math:`D = \lambda_1 \otimes \dots \otimes \lambda_d + \sigma^2` as a grid tensor."""
+    return _outer_tensor([jnp.maximum(v, 0) for v in eigvals]) + sigma2
+
+
 def _rotate(eigvecs, t, transpose: bool) -> jax.Array:
     """Mode products of the ``(n_1, …, n_d)`` tensor ``t`` with ``Q_i`` (or ``Q_iᵀ``)."""
     d = len(eigvecs)
@@ -158,7 +163,7 @@ def _rotate(eigvecs, t, transpose: bool) -> jax.Array:
 def _eig_forward(eigvals, eigvecs, sigma2, r):
     sizes = tuple(v.shape[-1] for v in eigvals)
     rt = _rotate(eigvecs, r.reshape(sizes), transpose=True)
-    D = _outer_tensor([jnp.maximum(v, 0) for v in eigvals]) + sigma2
+    D = _spectrum(eigvals, sigma2)
     alpha = rt / D
     logp = -0.5 * (jnp.sum(rt * alpha) + jnp.sum(jnp.log(D)) + D.size * _LOG_2PI)
     return logp, alpha, D
@@ -215,7 +220,7 @@ _cov_logpdf.defvjp(_cov_logpdf_fwd, _cov_logpdf_bwd)
 
 
 def _eig_logdet(eigvals, eigvecs, sigma2):
-    return jnp.sum(jnp.log(_outer_tensor([jnp.maximum(v, 0) for v in eigvals]) + sigma2))
+    return jnp.sum(jnp.log(_spectrum(eigvals, sigma2)))
 
 
 @jax.custom_vjp
@@ -224,7 +229,7 @@ def _cov_logdet(covs, eigvals, eigvecs, sigma2):
 
 
 def _cov_logdet_fwd(covs, eigvals, eigvecs, sigma2):
-    D = _outer_tensor([jnp.maximum(v, 0) for v in eigvals]) + sigma2
+    D = _spectrum(eigvals, sigma2)
     return jnp.sum(jnp.log(D)), (eigvals, eigvecs, D)
 
 
@@ -243,6 +248,25 @@ def _eig_args(eigvals, eigvecs, covs):
     if covs is None:
         return eigvals, eigvecs
     return jax.lax.stop_gradient((tuple(eigvals), tuple(eigvecs)))
+
+
+def _eig_vectorized(fn_eig, fn_cov, eigvals, eigvecs, sigma2, covs, x=None, out="(N)"):
+    """Vectorize a per-example eigen function over leading dims.
+
+    ``fn_eig(eigvals, eigvecs, sigma2[, x])`` differentiates plainly; with ``covs``,
+    ``fn_cov(covs, eigvals, eigvecs, sigma2[, x])`` (a custom VJP) runs on the
+    stop-gradient eigendecomposition. ``x`` is ``(..., N)``; ``out`` the core output shape.
+    """
+    d = len(eigvals)
+    vals, vecs = _eig_args(eigvals, eigvecs, covs)
+    xs = () if x is None else (x,)
+    sig = _sizes_sig(vals, "({0})") + _sizes_sig(vals, "({0},{0})") + ["()"] + ["(N)"] * len(xs)
+    if covs is None:
+        fn = lambda *a: fn_eig(a[:d], a[d : 2 * d], *a[2 * d :])  # noqa: E731
+        return _per_example(fn, sig, "->" + out)(*vals, *vecs, sigma2, *xs)
+    fn = lambda *a: fn_cov(a[:d], a[d : 2 * d], a[2 * d : 3 * d], *a[3 * d :])  # noqa: E731
+    sig = _sizes_sig(vals, "({0},{0})") + sig
+    return _per_example(fn, sig, "->" + out)(*covs, *vals, *vecs, sigma2, *xs)
 
 
 def kron_eig_logpdf(
@@ -285,16 +309,7 @@ def kron_eig_logpdf(
         sigma2: noise variance, shape broadcastable to the batch shape.
         covs: optional factors ``(..., n_i, n_i)`` matching ``eigvecs``.
     """
-    sizes = tuple(jnp.shape(v)[-1] for v in eigvals)
-    vals, vecs = _eig_args(eigvals, eigvecs, covs)
-    sig = _sizes_sig(sizes, "({0})") + _sizes_sig(sizes, "({0},{0})") + ["()", "(N)"]
-    if covs is None:
-        fn = lambda *a: _eig_logpdf(a[: len(sizes)], a[len(sizes) : -2], *a[-2:])  # noqa: E731
-        return _per_example(fn, sig, "->()")(*vals, *vecs, sigma2, r)
-    d = len(sizes)
-    fn = lambda *a: _cov_logpdf(a[:d], a[d : 2 * d], a[2 * d : 3 * d], *a[3 * d :])  # noqa: E731
-    sig = _sizes_sig(sizes, "({0},{0})") + sig
-    return _per_example(fn, sig, "->()")(*covs, *vals, *vecs, sigma2, r)
+    return _eig_vectorized(_eig_logpdf, _cov_logpdf, eigvals, eigvecs, sigma2, covs, r, "()")
 
 
 def kron_eig_logdet(
@@ -309,26 +324,12 @@ def kron_eig_logdet(
     :math:`\partial/\partial K_i = Q_i \operatorname{diag}(g_i) Q_i^\top`,
     :math:`\partial/\partial\sigma^2 = \sum 1/D` (see :func:`kron_eig_logpdf`).
     """
-    sizes = tuple(jnp.shape(v)[-1] for v in eigvals)
-    d = len(sizes)
-    vals, vecs = _eig_args(eigvals, eigvecs, covs)
-    sig = _sizes_sig(sizes, "({0})") + _sizes_sig(sizes, "({0},{0})") + ["()"]
-    if covs is None:
-        fn = lambda *a: _eig_logdet(a[:d], a[d : 2 * d], a[-1])  # noqa: E731
-        return _per_example(fn, sig, "->()")(*vals, *vecs, sigma2)
-    fn = lambda *a: _cov_logdet(a[:d], a[d : 2 * d], a[2 * d : 3 * d], a[-1])  # noqa: E731
-    sig = _sizes_sig(sizes, "({0},{0})") + sig
-    return _per_example(fn, sig, "->()")(*covs, *vals, *vecs, sigma2)
+    return _eig_vectorized(_eig_logdet, _cov_logdet, eigvals, eigvecs, sigma2, covs, out="()")
 
 
 # ----------------------------------------------------------------------------------
 # Solves and the symmetric root. Their custom VJPs contract an eigenbasis cotangent
 # of A = ⊗K_i + σ²I over every grid axis but i (weighted by W_i), as in the log density.
-
-
-def _spectrum(eigvals, sigma2) -> jax.Array:
-    r""":math:`D = \lambda_1 \otimes \dots \otimes \lambda_d + \sigma^2` as a grid tensor."""
-    return _outer_tensor([jnp.maximum(v, 0) for v in eigvals]) + sigma2
 
 
 def _to_mode(t: jax.Array, i: int) -> jax.Array:
@@ -416,19 +417,6 @@ def _cov_sqrt_matvec_bwd(res, g):
 _cov_sqrt_matvec.defvjp(_cov_sqrt_matvec_fwd, _cov_sqrt_matvec_bwd)
 
 
-def _eig_vectorized(fn_eig, fn_cov, x, eigvals, eigvecs, sigma2, covs):
-    """Vectorize a per-example ``(eigvals, eigvecs, sigma2, x) -> (N)`` map over leading dims."""
-    d = len(eigvals)
-    vals, vecs = _eig_args(eigvals, eigvecs, covs)
-    sig = _sizes_sig(vals, "({0})") + _sizes_sig(vals, "({0},{0})") + ["()", "(N)"]
-    if covs is None:
-        fn = lambda *a: fn_eig(a[:d], a[d : 2 * d], *a[-2:])  # noqa: E731
-        return _per_example(fn, sig, "->(N)")(*vals, *vecs, sigma2, x)
-    fn = lambda *a: fn_cov(a[:d], a[d : 2 * d], a[2 * d : 3 * d], *a[3 * d :])  # noqa: E731
-    sig = _sizes_sig(vals, "({0},{0})") + sig
-    return _per_example(fn, sig, "->(N)")(*covs, *vals, *vecs, sigma2, x)
-
-
 def kron_eig_solve(
     r: jax.Array,
     eigvals: Sequence[jax.Array],
@@ -462,7 +450,7 @@ def kron_eig_solve(
         sigma2: noise variance, broadcastable to the batch shape.
         covs: optional factors ``(..., n_i, n_i)`` that carry the gradient.
     """
-    return _eig_vectorized(_eig_solve, _cov_solve, r, eigvals, eigvecs, sigma2, covs)
+    return _eig_vectorized(_eig_solve, _cov_solve, eigvals, eigvecs, sigma2, covs, r)
 
 
 def kron_eig_sqrt_matvec(
@@ -496,7 +484,7 @@ def kron_eig_sqrt_matvec(
         z: ``(..., N)``.
         eigvals, eigvecs, sigma2, covs: as in :func:`kron_eig_solve`.
     """
-    return _eig_vectorized(_eig_sqrt_matvec, _cov_sqrt_matvec, z, eigvals, eigvecs, sigma2, covs)
+    return _eig_vectorized(_eig_sqrt_matvec, _cov_sqrt_matvec, eigvals, eigvecs, sigma2, covs, z)
 
 
 # ----------------------------------------------------------------------------------
