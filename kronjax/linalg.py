@@ -14,10 +14,13 @@ kernel learning for multidimensional pattern extrapolation*.
 
 import math
 from collections.abc import Sequence
+from contextvars import ContextVar
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 __all__ = [
     "kron_matvec",
@@ -36,12 +39,55 @@ __all__ = [
 _GRID = "abcdefghijklmnopqrstuvwxy"  # einsum letters of the grid axes; "z" is the new one
 _LOG_2PI = math.log(2 * math.pi)
 
+# A grid split across devices: ``(mesh, axis name)`` while a function wrapped by
+# ``kronjax.sharding.split_grid`` is traced, else None. Read at trace time only.
+GRID_SPLIT: ContextVar[tuple[Mesh, str] | None] = ContextVar("kronjax_grid_split", default=None)
+
+
+def _split_along(t: jax.Array, j: int, d: int) -> jax.Array:
+    """Constrain the trailing ``d`` grid axes of ``t`` to be split along grid axis ``j``.
+
+    A no-op unless a grid split is active (:data:`GRID_SPLIT`) and ``d >= 2``; leading
+    (batch) axes are left to the partitioner.
+    """
+    split = GRID_SPLIT.get()
+    if split is None or d < 2:
+        return t
+    mesh, name = split
+    spec = [P.UNCONSTRAINED] * (t.ndim - d) + [name if i == j else None for i in range(d)]
+    return jax.lax.with_sharding_constraint(t, NamedSharding(mesh, P(*spec)))
+
+
+def _fibre_split_axis(shape: tuple[int, ...], k: int, d: int) -> int:
+    """The grid axis that :func:`_fibres` splits: 0, or for ``k = 0`` the largest other."""
+    rest = shape[len(shape) - d + 1 :]
+    return 1 + max(range(len(rest)), key=rest.__getitem__) if k == 0 and rest else 0
+
+
+def _fibres(t: jax.Array, k: int, d: int) -> jax.Array:
+    """``t`` laid out so every device holds whole mode-``k`` fibres of the grid.
+
+    Under a grid split, axis 0 is the split one, so for ``k >= 1`` this keeps that layout;
+    for ``k = 0`` it moves the split to the largest other grid axis, which XLA lowers to
+    one all-to-all (each device sends and receives ``(P - 1) / P`` of its ``N / P``
+    block). Contracting the split axis in place would instead leave every device an
+    ``N``-sized partial sum to all-reduce. A no-op without a grid split.
+    """
+    return _split_along(t, _fibre_split_axis(t.shape, k, d), d)
+
 
 def _mode_product(t: jax.Array, a: jax.Array, k: int, d: int) -> jax.Array:
-    """Multiply axis ``k`` of the trailing ``d`` grid axes of ``t`` by ``a`` ``(..., p, q)``."""
+    """Multiply axis ``k`` of the trailing ``d`` grid axes of ``t`` by ``a`` ``(..., p, q)``.
+
+    Under a grid split (see :func:`_fibres`) the product is local to each device; only
+    ``k = 0`` moves data: an all-to-all before it and one after, back to axis 0.
+    """
     src = _GRID[:d]
     dst = src[:k] + "z" + src[k + 1 :]
-    return jnp.einsum(f"...z{src[k]},...{src}->...{dst}", a, t)
+    out = jnp.einsum(f"...z{src[k]},...{src}->...{dst}", a, _fibres(t, k, d))
+    if k == 0:
+        out = _fibres(out, 0, d)  # the product stays local; the move back follows
+    return _split_along(out, 0, d)
 
 
 def kron_matvec(factors: Sequence[jax.Array], x: jax.Array) -> jax.Array:
@@ -120,13 +166,27 @@ def kron_solve_triangular(
     """
     sizes = tuple(jnp.shape(c)[-1] for c in chols)
 
+    d = len(sizes)
+
+    def solve_mode(lk, moved):  # moved: (n_k, other grid axes); one solve for every fibre
+        flat = moved.reshape(moved.shape[0], -1)
+        return solve_triangular(lk, flat, lower=True, trans=int(trans)).reshape(moved.shape)
+
     def solve(*args):
         *ls, v = args
         t = v.reshape(sizes)
         for k, lk in enumerate(ls):
-            moved = jnp.moveaxis(t, k, 0)
-            solved = solve_triangular(lk, moved.reshape(sizes[k], -1), lower=True, trans=int(trans))
-            t = jnp.moveaxis(solved.reshape(moved.shape), 0, k)
+            moved = jnp.moveaxis(_fibres(t, k, d), k, 0)
+            split = GRID_SPLIT.get()
+            if split is None or d < 2:
+                solved = solve_mode(lk, moved)
+            else:  # XLA does not partition triangular solves: solve each device's fibres
+                j = _fibre_split_axis(sizes, k, d)
+                spec = P(*(split[1] if i == (j + 1 if j < k else j) else None for i in range(d)))
+                solved = jax.shard_map(
+                    solve_mode, mesh=split[0], in_specs=(P(), spec), out_specs=spec
+                )(lk, moved)
+            t = _split_along(jnp.moveaxis(solved, 0, k), 0, d)
         return t.reshape(-1)
 
     sig = _sizes_sig(sizes, "({0},{0})") + ["(N)"]
@@ -148,8 +208,13 @@ def _outer_tensor(vectors: Sequence[jax.Array]) -> jax.Array:
 
 
 def _spectrum(eigvals, sigma2) -> jax.Array:
-    r""":math:`D = \lambda_1 \otimes \dots \otimes \lambda_d + \sigma^2` as a grid tensor."""
-    return _outer_tensor([jnp.maximum(v, 0) for v in eigvals]) + sigma2
+    r""":math:`D = \lambda_1 \otimes \dots \otimes \lambda_d + \sigma^2` as a grid tensor.
+
+    Under a grid split it is laid out split along axis 0, like the rotated residuals it
+    divides, so XLA never gathers it when another use wants a different layout.
+    """
+    d = len(eigvals)
+    return _split_along(_outer_tensor([jnp.maximum(v, 0) for v in eigvals]) + sigma2, 0, d)
 
 
 def _rotate(eigvecs, t, transpose: bool) -> jax.Array:
@@ -206,8 +271,8 @@ def _cov_logpdf_bwd(res, g):
     cov_bars = []
     for i, (q, gi) in enumerate(zip(eigvecs, _logdet_grads(eigvals, D))):
         rest = [j for j in range(d) if j != i]
-        weighted = alpha * _other_eigvals(eigvals, i)
-        S = jnp.tensordot(weighted, alpha, axes=(rest, rest))
+        a = _fibres(alpha, i, d)
+        S = jnp.tensordot(a * _other_eigvals(eigvals, i), a, axes=(rest, rest))
         M = 0.5 * g * (S - jnp.diag(gi))
         cov_bars.append(q @ M @ q.T)
     sigma2_bar = 0.5 * g * (jnp.sum(alpha * alpha) - jnp.sum(1 / D))
@@ -334,7 +399,7 @@ def kron_eig_logdet(
 
 def _to_mode(t: jax.Array, i: int) -> jax.Array:
     """The grid tensor ``t`` as an ``(n_i, N / n_i)`` matrix, axis ``i`` first."""
-    return jnp.moveaxis(t, i, 0).reshape(t.shape[i], -1)
+    return jnp.moveaxis(_fibres(t, i, t.ndim), i, 0).reshape(t.shape[i], -1)
 
 
 def _rest_weights(eigvals, i) -> jax.Array:
