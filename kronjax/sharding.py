@@ -17,6 +17,7 @@ Three ways to use several devices (see ``docs/multi_device.md``):
 
 import functools
 import math
+import re
 from collections.abc import Callable, Sequence
 
 import jax
@@ -26,7 +27,12 @@ from jax.sharding import PartitionSpec as P
 
 from kronjax import linalg
 
-__all__ = ["batch_mesh", "shard_batch", "shard_grid", "split_grid"]
+__all__ = ["batch_mesh", "collectives", "shard_batch", "shard_grid", "split_grid"]
+
+_COLLECTIVE = re.compile(
+    r"^\s*(?:ROOT )?%\S+ = (.*?) "
+    r"(all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)(?:-start)?\("
+)
 
 
 def batch_mesh(num_devices: int | None = None, axis: str = "batch") -> Mesh:
@@ -92,3 +98,21 @@ def split_grid(fn: Callable, mesh: Mesh, axis: str = "grid") -> Callable:
             linalg.GRID_SPLIT.reset(token)
 
     return wrapped
+
+
+def collectives(compiled_text: str) -> list[tuple[str, int]]:
+    """``(kind, elements per device)`` of every collective in compiled HLO text.
+
+    ``compiled_text`` is ``jax.jit(f).lower(*args).compile().as_text()``; kinds are
+    ``all-gather``, ``all-reduce``, ``all-to-all``, ``reduce-scatter`` and
+    ``collective-permute``. A tuple-shaped collective (XLA's all-to-all sends one piece
+    per peer) counts the sum of its pieces. For auditing what a sharded program moves.
+    """
+    out = []
+    for line in compiled_text.splitlines():
+        m = _COLLECTIVE.match(line)
+        if m:
+            dims = re.findall(r"[a-z]+\d*\[([\d,]*)\]", m.group(1))
+            size = sum(math.prod(int(v) for v in s.split(",") if v) for s in dims)
+            out.append((m.group(2), size))
+    return out

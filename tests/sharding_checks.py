@@ -8,7 +8,6 @@ on one device, in this process, in float64. Usage::
 """
 
 import math
-import re
 import sys
 
 import jax
@@ -22,30 +21,11 @@ from numpyro.infer import MCMC, NUTS
 
 import kronjax
 from kronjax import sharding
+from kronjax.sharding import collectives
 
 jax.config.update("jax_enable_x64", True)
 
 DEVICES = 4
-_COLLECTIVE = re.compile(
-    r"^\s*(?:ROOT )?%\S+ = (.*?) "
-    r"(all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)(?:-start)?\("
-)
-
-
-def collectives(compiled_text: str) -> list[tuple[str, int]]:
-    """``(kind, elements per device)`` of every collective in compiled HLO text.
-
-    Tuple-shaped collectives (XLA's all-to-all sends one piece per peer) count the sum of
-    their pieces.
-    """
-    out = []
-    for line in compiled_text.splitlines():
-        m = _COLLECTIVE.match(line)
-        if m:
-            dims = re.findall(r"[a-z]+\d*\[([\d,]*)\]", m.group(1))
-            size = sum(math.prod(int(v) for v in s.split(",") if v) for s in dims)
-            out.append((m.group(2), size))
-    return out
 
 
 def rbf(x, ell):
