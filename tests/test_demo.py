@@ -24,7 +24,6 @@ def test_load_elnino():
 
 
 def test_demo_runs(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     from kronjax import demo
 
     out = tmp_path / "forecast.png"

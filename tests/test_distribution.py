@@ -127,7 +127,7 @@ def test_moments_and_entropy(case):
 def test_sample_shapes(case):
     *_, dist = build(case)
     for sample_shape in [(), (2,), (2, 3)]:
-        x = jax.jit(lambda d, k: d.sample(k, sample_shape))(dist, jax.random.PRNGKey(0))
+        x = jax.jit(lambda d, k, s=sample_shape: d.sample(k, s))(dist, jax.random.PRNGKey(0))
         assert x.shape == sample_shape + dist.batch_shape + dist.event_shape
         assert x.dtype == jnp.dtype(DTYPE)
         assert bool(jnp.all(jnp.isfinite(x)))
