@@ -19,11 +19,25 @@ def main(argv=None):
     g.add_argument("--quick", action="store_true", help="smaller grids (default)")
     g.add_argument("--full", action="store_true", help="every size of issue 4")
     p.add_argument("--only", default="", help="comma-separated subset of workloads")
-    p.add_argument("--pymc-timeout", type=float, default=None,
-                   help="wall-clock limit of one PyMC NUTS run (quick 240 s, full 1800 s)")
+    p.add_argument(
+        "--pymc-timeout",
+        type=float,
+        default=None,
+        help="wall-clock limit of one PyMC NUTS run (quick 240 s, full 1800 s)",
+    )
     p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    p.add_argument("--report-only", metavar="JSON", help="re-render RESULTS.md and plots")
     a = p.parse_args(argv)
     mode = "full" if a.full else "quick"
+    if a.report_only:
+        import json
+
+        from bench import report
+
+        with open(a.report_only) as f:
+            d = json.load(f)
+        print(report.write(d["meta"], d["sections"], a.out))
+        return
 
     import jax
 
@@ -36,10 +50,15 @@ def main(argv=None):
     bad = set(chosen) - set(workloads.WORKLOADS)
     if bad:
         p.error(f"unknown workloads {sorted(bad)}; choose from {list(workloads.WORKLOADS)}")
-    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
-                command="python -m bench " + " ".join(argv or sys.argv[1:]), mode=mode,
-                machine=machine(), versions=versions(), threads=threads_info(),
-                load_start=open("/proc/loadavg").read().split()[:3])
+    meta = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        command="python -m bench " + " ".join(argv or sys.argv[1:]),
+        mode=mode,
+        machine=machine(),
+        versions=versions(),
+        threads=threads_info(),
+        load_start=open("/proc/loadavg").read().split()[:3],
+    )
     print(f"# kronjax bench, {mode} mode: {', '.join(chosen)}\n# {meta['machine']}", flush=True)
     sections = {}
     for name in chosen:
@@ -48,14 +67,18 @@ def main(argv=None):
         try:
             kw = {}
             if name == "nuts":
-                kw = {"pymc_timeout": a.pymc_timeout,
-                      "pymc_mode": sections.get("logp", {}).get("pymc_mode", "NUMBA")}
+                kw = {
+                    "pymc_timeout": a.pymc_timeout,
+                    "pymc_mode": sections.get("logp", {}).get("pymc_mode", "NUMBA"),
+                }
             sections[name] = workloads.WORKLOADS[name](
-                mode, log=lambda s: print(s, flush=True), **kw)
+                mode, log=lambda s: print(s, flush=True), **kw
+            )
         except Exception as e:  # noqa: BLE001 - one broken workload must not lose the others
             traceback.print_exc()
-            sections[name] = dict(key=name, title=name, rows=[],
-                                  notes=[f"failed: {type(e).__name__}: {e}"])
+            sections[name] = dict(
+                key=name, title=name, rows=[], notes=[f"failed: {type(e).__name__}: {e}"]
+            )
         sections[name]["seconds"] = time.perf_counter() - t0
         print(f"== {name} done in {sections[name]['seconds']:.0f} s", flush=True)
     meta["load_end"] = open("/proc/loadavg").read().split()[:3]

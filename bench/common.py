@@ -38,17 +38,19 @@ def eig_factors(sizes, ells):
 
 
 def rotate(t, qs, transpose=False):
-    """Mode products of the ``(..., n_1, …, n_d)`` tensor ``t`` with every ``Q_i`` (or ``Q_iᵀ``).
+    """Mode products of the ``(..., q_1, …, q_d)`` tensor ``t`` with every ``Q_i`` (or ``Q_iᵀ``).
 
-    One GEMM per mode: ``t.reshape(n_k, rest).T @ Q`` moves the rotated axis to the end,
+    One GEMM per mode: ``t.reshape(q_k, rest).T @ Q_kᵀ`` moves the rotated axis to the end,
     so after d steps the axes are back in order and no transpose is ever copied.
+    Rectangular ``Q_i`` ``(p_i, q_i)`` are fine.
     """
-    sizes = tuple(q.shape[0] for q in qs)
+    mats = [q if transpose else q.T for q in qs]  # right operands, (q_i, p_i)
+    sizes = tuple(m.shape[1] for m in mats)
     lead = t.shape[: t.ndim - len(qs)]
     if lead:  # batch axes go last; after d cycles they are first again
         t = np.moveaxis(t, tuple(range(len(lead))), tuple(range(-len(lead), 0)))
-    for q in qs:
-        t = t.reshape(q.shape[0], -1).T @ (q if transpose else q.T)
+    for m in mats:
+        t = t.reshape(m.shape[0], -1).T @ m
     return t.reshape(lead + sizes)
 
 
@@ -99,8 +101,9 @@ def time_call(fn, reps=5, cap=CAP_S, budget=1.0, max_reps=50):
     out = fn()
     first = time.perf_counter() - t
     if first > cap:
-        return dict(first_s=first, median_s=first, min_s=first, reps=1, compile_s=None,
-                    capped=True, out=out)
+        return dict(
+            first_s=first, median_s=first, min_s=first, reps=1, compile_s=None, capped=True, out=out
+        )
     ts = []
     while len(ts) < reps or (sum(ts) < budget and len(ts) < max_reps):
         t = time.perf_counter()
@@ -110,8 +113,13 @@ def time_call(fn, reps=5, cap=CAP_S, budget=1.0, max_reps=50):
             break
     med = statistics.median(ts)
     return dict(
-        first_s=first, median_s=med, min_s=min(ts), reps=len(ts),
-        compile_s=max(first - med, 0.0), capped=ts[-1] > cap, out=out,
+        first_s=first,
+        median_s=med,
+        min_s=min(ts),
+        reps=len(ts),
+        compile_s=max(first - med, 0.0),
+        capped=ts[-1] > cap,
+        out=out,
     )
 
 
@@ -148,8 +156,20 @@ def machine():
 def versions():
     """Versions of every package the suite may use (missing ones are skipped)."""
     out = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "numpyro", "numpy", "scipy", "torch", "gpytorch",
-                 "linear_operator", "pymc", "pytensor", "numba", "kronjax"):
+    for name in (
+        "jax",
+        "jaxlib",
+        "numpyro",
+        "numpy",
+        "scipy",
+        "torch",
+        "gpytorch",
+        "linear_operator",
+        "pymc",
+        "pytensor",
+        "numba",
+        "kronjax",
+    ):
         try:
             out[name] = __import__(name).__version__
         except Exception:  # noqa: BLE001 - a missing peer is just skipped

@@ -46,8 +46,10 @@ def main(system, n):
         yj = jnp.asarray(y)
 
         def f(e, s):
-            covs = [jnp.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * e[i] ** 2))
-                    for i, x in enumerate(xs)]
+            covs = [
+                jnp.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * e[i] ** 2))
+                for i, x in enumerate(xs)
+            ]
             return kronjax.KroneckerNormal(0.0, covs=covs, sigma=s).log_prob(yj)
 
         e, s = jnp.asarray(ells), jnp.asarray(sigma)
@@ -69,9 +71,18 @@ def main(system, n):
     call()
     peak = _status("VmHWM")
     above = peak - baseline
-    print(json.dumps(dict(baseline_mb=baseline, peak_mb=peak, peak_above_mb=above,
-                          compile_peak_mb=compile_peak, n_times_8N=above * 2**20 / (8 * n**3),
-                          target_mb=12 * 8 * n**3 / 2**20)))
+    print(
+        json.dumps(
+            dict(
+                baseline_mb=baseline,
+                peak_mb=peak,
+                peak_above_mb=above,
+                compile_peak_mb=compile_peak,
+                n_times_8N=above * 2**20 / (8 * n**3),
+                target_mb=12 * 8 * n**3 / 2**20,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

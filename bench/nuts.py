@@ -20,8 +20,9 @@ PRIOR_LOC, PRIOR_SCALE, SIGMA_SCALE = -1.2, 0.6, 0.5
 NOTE = (
     "Both sides: same priors, data, target acceptance 0.8, diagonal mass matrix, 2 chains "
     "run in parallel (NumPyro chain_method='parallel' over 2 forced host devices; PyMC "
-    "cores=2, the faster of its NUMBA/CVM modes in workload 1). ESS = min over (ℓ1, ℓ2, σ) of numpyro's effective_sample_size on "
-    "the post-warm-up draws; ESS/s uses the wall time without compilation (NumPyro: wall "
+    "cores=2, the faster of its NUMBA/CVM modes in workload 1). ESS = min over (ℓ1, ℓ2, σ) "
+    "of numpyro's effective_sample_size on the post-warm-up draws; ESS/s uses the wall "
+    "time without compilation (NumPyro: wall "
     "time minus the tracing/compile times JAX logs, as NumPyro recompiles on every run; "
     "PyMC: its sampling_time), ESS/s (w/ compile) the full "
     "wall time. Tree depth = log2(leapfrog steps + 1). A PyMC run past its time limit is "
@@ -44,9 +45,14 @@ def _summary(samples, n_steps, diverging, step_size, wall, wall_compile):
     n_steps = np.asarray(n_steps, np.float64)
     min_ess = min(ess.values())
     return dict(
-        ess_min=min_ess, ess=ess, wall_s=wall, wall_compile_s=wall_compile,
-        ess_per_s=min_ess / wall, ess_per_s_compile=min_ess / wall_compile,
-        divergences=int(np.sum(diverging)), mean_leapfrog=float(n_steps.mean()),
+        ess_min=min_ess,
+        ess=ess,
+        wall_s=wall,
+        wall_compile_s=wall_compile,
+        ess_per_s=min_ess / wall,
+        ess_per_s_compile=min_ess / wall_compile,
+        divergences=int(np.sum(diverging)),
+        mean_leapfrog=float(n_steps.mean()),
         mean_tree_depth=float(np.mean(np.log2(n_steps + 1))),
         step_size=[float(s) for s in np.atleast_1d(step_size)],
         means={k: float(np.mean(v)) for k, v in samples.items()},
@@ -72,13 +78,20 @@ def run_numpyro(sizes, warmup, draws, chains, seed=0):
     def model(y):
         ell = numpyro.sample("ell", dist.LogNormal(PRIOR_LOC, PRIOR_SCALE).expand([2]))
         sigma = numpyro.sample("sigma", dist.HalfNormal(SIGMA_SCALE))
-        covs = [jnp.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * ell[i] ** 2))
-                for i, x in enumerate(xs)]
+        covs = [
+            jnp.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * ell[i] ** 2)) for i, x in enumerate(xs)
+        ]
         numpyro.sample("y", kronjax.KroneckerNormal(0.0, covs=covs, sigma=sigma), obs=y)
 
     method = "parallel" if jax.local_device_count() >= chains else "vectorized"
-    mcmc = MCMC(NUTS(model), num_warmup=warmup, num_samples=draws, num_chains=chains,
-                chain_method=method, progress_bar=False)
+    mcmc = MCMC(
+        NUTS(model),
+        num_warmup=warmup,
+        num_samples=draws,
+        num_chains=chains,
+        chain_method=method,
+        progress_bar=False,
+    )
     timer = _CompileTimer()
     t0 = time.perf_counter()
     mcmc.run(jax.random.key(seed), y, extra_fields=("diverging", "num_steps"))
@@ -87,9 +100,14 @@ def run_numpyro(sizes, warmup, draws, chains, seed=0):
     s = mcmc.get_samples(group_by_chain=True)
     extra = mcmc.get_extra_fields(group_by_chain=True)
     samples = {"ell1": s["ell"][..., 0], "ell2": s["ell"][..., 1], "sigma": s["sigma"]}
-    out = _summary(samples, extra["num_steps"], extra["diverging"],
-                   mcmc.last_state.adapt_state.step_size, wall_compile - timer.total,
-                   wall_compile)
+    out = _summary(
+        samples,
+        extra["num_steps"],
+        extra["diverging"],
+        mcmc.last_state.adapt_state.step_size,
+        wall_compile - timer.total,
+        wall_compile,
+    )
     out.update(chain_method=method, devices=jax.local_device_count(), compile_s=timer.total)
     return out
 
@@ -135,21 +153,47 @@ def run_pymc(sizes, warmup, draws, chains, mode="NUMBA", progress=None, seed=0):
 
         def callback(trace, draw):
             st = {k: v for d in draw.stats for k, v in d.items()}
-            fh.write(json.dumps(dict(
-                chain=int(draw.chain), tune=bool(draw.tuning), depth=int(st["depth"]),
-                steps=int(st["tree_size"]), step_size=float(st["step_size"]),
-                diverging=bool(st["diverging"]), t=time.time())) + "\n")
+            fh.write(
+                json.dumps(
+                    dict(
+                        chain=int(draw.chain),
+                        tune=bool(draw.tuning),
+                        depth=int(st["depth"]),
+                        steps=int(st["tree_size"]),
+                        step_size=float(st["step_size"]),
+                        diverging=bool(st["diverging"]),
+                        t=time.time(),
+                    )
+                )
+                + "\n"
+            )
 
         t0 = time.perf_counter()
-        idata = pm.sample(draws, tune=warmup, chains=chains, cores=chains, random_seed=seed,
-                          progressbar=False, compile_kwargs={"mode": mode},
-                          callback=callback if fh else None)
+        idata = pm.sample(
+            draws,
+            tune=warmup,
+            chains=chains,
+            cores=chains,
+            random_seed=seed,
+            progressbar=False,
+            compile_kwargs={"mode": mode},
+            callback=callback if fh else None,
+        )
         wall_compile = time.perf_counter() - t0
     post, st = idata.posterior, idata.sample_stats
-    samples = {"ell1": post["ell"].values[..., 0], "ell2": post["ell"].values[..., 1],
-               "sigma": post["sigma"].values}
-    out = _summary(samples, st["n_steps"].values, st["diverging"].values,
-                   st["step_size"].values[:, -1], float(st.attrs["sampling_time"]), wall_compile)
+    samples = {
+        "ell1": post["ell"].values[..., 0],
+        "ell2": post["ell"].values[..., 1],
+        "sigma": post["sigma"].values,
+    }
+    out = _summary(
+        samples,
+        st["n_steps"].values,
+        st["diverging"].values,
+        st["step_size"].values[:, -1],
+        float(st.attrs["sampling_time"]),
+        wall_compile,
+    )
     out.update(mode=mode, compile_s=max(wall_compile - out["wall_s"], 0.0))
     return out
 
@@ -169,8 +213,10 @@ def progress_summary(path):
     last_step = [next(r["step_size"] for r in reversed(recs) if r["chain"] == c) for c in chains]
     return dict(
         iterations={str(c): sum(r["chain"] == c for r in recs) for c in chains},
-        mean_tree_depth=float(depth.mean()), mean_leapfrog=float(steps.mean()),
-        step_size=last_step, divergences=int(sum(r["diverging"] for r in recs)),
+        mean_tree_depth=float(depth.mean()),
+        mean_leapfrog=float(steps.mean()),
+        step_size=last_step,
+        divergences=int(sum(r["diverging"] for r in recs)),
         max_tree_depth_frac=float(np.mean(depth >= 10)),
     )
 
@@ -178,13 +224,15 @@ def progress_summary(path):
 def fmt(r):
     """One log line for a result row."""
     if "ess_per_s" in r:
-        return (f"{r['grid']:>6} {r['system']:16s} wall {r['wall_s']:.1f} s "
-                f"(+compile {r['compile_s']:.1f} s) ESS {r['ess_min']:.0f} "
-                f"ESS/s {r['ess_per_s']:.1f} div {r['divergences']} "
-                f"depth {r['mean_tree_depth']:.2f} step {np.round(r['step_size'], 4).tolist()}")
+        return (
+            f"{r['grid']:>6} {r['system']:16s} wall {r['wall_s']:.1f} s "
+            f"(+compile {r['compile_s']:.1f} s) ESS {r['ess_min']:.0f} "
+            f"ESS/s {r['ess_per_s']:.1f} div {r['divergences']} "
+            f"depth {r['mean_tree_depth']:.2f} step {np.round(r['step_size'], 4).tolist()}"
+        )
     return f"{r['grid']:>6} {r['system']:16s} {r.get('note', '')} {r.get('error', '')[-300:]} " + (
-        json.dumps({k: r[k] for k in ('iterations', 'mean_tree_depth', 'step_size')
-                    if k in r}))
+        json.dumps({k: r[k] for k in ("iterations", "mean_tree_depth", "step_size") if k in r})
+    )
 
 
 def gradient_check(grids_, log=print, pymc_mode="NUMBA"):
@@ -196,25 +244,37 @@ def gradient_check(grids_, log=print, pymc_mode="NUMBA"):
     rng = np.random.default_rng(0)
     for sizes in grids_:
         y = _data(sizes)
-        points = [params(sizes)] + [(rng.uniform(0.1, 0.5, 2), rng.uniform(0.05, 0.2))
-                                    for _ in range(2)]
-        systems = [s for s in (peers.KronJax(), peers.PyMC(pymc_mode), peers.NaiveEigh())
-                   if not s.skip_note()]
+        points = [params(sizes)] + [
+            (rng.uniform(0.1, 0.5, 2), rng.uniform(0.05, 0.2)) for _ in range(2)
+        ]
+        systems = [
+            s
+            for s in (peers.KronJax(), peers.PyMC(pymc_mode), peers.NaiveEigh())
+            if not s.skip_note()
+        ]
         fns = {s.name: s.logp_grad(sizes, y) for s in systems}
-        lam = [np.linalg.eigvalsh(peers.rbf_np(x, l)[0]) for x, l in
-               zip(peers.grids(sizes), points[0][0])]
+        lam = [
+            np.linalg.eigvalsh(peers.rbf_np(x, l)[0])
+            for x, l in zip(peers.grids(sizes), points[0][0])
+        ]
         tiny = sum(int(np.sum(np.abs(v) < 1e-12 * v.max())) for v in lam)
         for name, fn in fns.items():
             errs = []
             for ells, sigma in points:
                 ref = peers.dense_ref(sizes, y, ells, sigma)
                 errs.append(lp_grad_err(fn(ells, sigma), ref))
-            row = dict(grid="×".join(map(str, sizes)), system=name,
-                       err_lp=max(e[0] for e in errs), err_grad=max(e[1] for e in errs),
-                       tiny_eigvals=tiny)
+            row = dict(
+                grid="×".join(map(str, sizes)),
+                system=name,
+                err_lp=max(e[0] for e in errs),
+                err_grad=max(e[1] for e in errs),
+                tiny_eigvals=tiny,
+            )
             rows.append(row)
-            log(f"  grad check {row['grid']:>6} {name:15s} lp {row['err_lp']:.1e} "
-                f"grad {row['err_grad']:.1e} ({tiny} factor eigenvalues < 1e-12·max)")
+            log(
+                f"  grad check {row['grid']:>6} {name:15s} lp {row['err_lp']:.1e} "
+                f"grad {row['err_grad']:.1e} ({tiny} factor eigenvalues < 1e-12·max)"
+            )
     return rows
 
 
@@ -239,7 +299,8 @@ def main(argv=None):
 
 if __name__ == "__main__":
     if "numpyro-kronjax" in sys.argv:  # before jax is imported
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + " --xla_force_host_platform_device_count=2").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+        ).strip()
     main()
     sys.stdout.flush()

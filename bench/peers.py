@@ -80,13 +80,31 @@ def _jax_logp_grad(logp_fn, sizes, y, dtype):
 
     g = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
+    on_device = {}
+
     def call(ells, sigma):
-        lp, (ge, gs) = jax.block_until_ready(
-            g(jnp.asarray(ells, dtype), jnp.asarray(sigma, dtype))
-        )
-        return float(lp), np.r_[np.asarray(ge, np.float64), float(gs)]
+        """Blocks on the device outputs; inputs are put on the device once (as in a NUTS or
+        optax loop), outputs read back to NumPy only when the caller looks at them."""
+        key = (tuple(np.ravel(ells)), float(sigma))
+        if key not in on_device:
+            on_device[key] = (jnp.asarray(ells, dtype), jnp.asarray(sigma, dtype))
+        return _JaxOut(jax.block_until_ready(g(*on_device[key])))
 
     return call
+
+
+class _JaxOut:
+    """``(logp, grad)`` view of ``(lp, (grad_ells, grad_sigma))`` device arrays, read lazily."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def __getitem__(self, i):
+        lp, (ge, gs) = self.out
+        return float(lp) if i == 0 else np.r_[np.asarray(ge, np.float64), float(gs)]
+
+    def __iter__(self):
+        return iter((self[0], self[1]))
 
 
 def _jax_sampler(sample_fn, sizes, s, dtype):
@@ -205,7 +223,7 @@ class NaiveEigh(System):
 
 def numpy_eig_logp_grad(sizes, y, ells, sigma):
     """Eigen log density and its exact gradient (DESIGN.md §3) in NumPy/SciPy float64."""
-    d, n = len(sizes), math.prod(sizes)
+    n = math.prod(sizes)
     lam, qs = eig_factors(sizes, ells)
     lam = [np.maximum(v, 0) for v in lam]
     D = outer(lam) + sigma**2
@@ -280,6 +298,7 @@ class Floor(System):
 
     def logp_grad(self, sizes, y):
         """Only the log density, for the agreement check: ``(logp, None)``."""
+
         def call(ells, sigma):
             lam, qs = eig_factors(sizes, ells)
             rt = rotate(np.asarray(y, np.float64).reshape(sizes), qs, transpose=True)
@@ -326,10 +345,12 @@ class GPyTorch(System):
 
     module = "gpytorch"
 
-    def __init__(self, max_chol=None, dtype="float64"):
-        self.max_chol, self.dtype = max_chol, dtype
-        self.name = "gpytorch" + ("-nochol" if max_chol == 0 else "") + (
-            "-f32" if dtype == "float32" else ""
+    def __init__(self, max_chol=None, dtype="float64", device="cpu"):
+        self.max_chol, self.dtype, self.device = max_chol, dtype, device
+        self.name = (
+            "gpytorch"
+            + ("-nochol" if max_chol == 0 else "")
+            + ("-f32" if dtype == "float32" else "")
         )
 
     def threads(self):
@@ -341,8 +362,10 @@ class GPyTorch(System):
         import torch
         from linear_operator.operators import DenseLinearOperator, KroneckerProductLinearOperator
 
-        ks = [torch.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * ells[i] ** 2)) for i, x in
-              enumerate(xs)]
+        ks = [
+            torch.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * ells[i] ** 2))
+            for i, x in enumerate(xs)
+        ]
         ks = [DenseLinearOperator(k) for k in ks]
         return KroneckerProductLinearOperator(*ks).add_diagonal(sigma**2)
 
@@ -360,18 +383,18 @@ class GPyTorch(System):
         import torch
 
         dt = getattr(torch, self.dtype)
-        xs = [torch.tensor(x, dtype=dt) for x in grids(sizes)]
-        yt = torch.tensor(y, dtype=dt)
+        xs = [torch.tensor(x, dtype=dt, device=self.device) for x in grids(sizes)]
+        yt = torch.tensor(y, dtype=dt, device=self.device)
         zero = torch.zeros_like(yt)
 
         def call(ells, sigma):
-            e = torch.tensor(ells, dtype=dt, requires_grad=True)
-            s = torch.tensor(sigma, dtype=dt, requires_grad=True)
+            e = torch.tensor(ells, dtype=dt, device=self.device, requires_grad=True)
+            s = torch.tensor(sigma, dtype=dt, device=self.device, requires_grad=True)
             with self._settings():
                 mvn = gpytorch.distributions.MultivariateNormal(zero, self._cov(xs, e, s))
                 lp = mvn.log_prob(yt)
                 lp.backward()
-            return lp.item(), np.r_[e.grad.double().numpy(), s.grad.item()]
+            return lp.item(), np.r_[e.grad.double().cpu().numpy(), s.grad.item()]
 
         return call
 
@@ -381,16 +404,20 @@ class GPyTorch(System):
         import torch
 
         dt = getattr(torch, self.dtype)
-        xs = [torch.tensor(x, dtype=dt) for x in grids(sizes)]
-        yt = torch.tensor(y, dtype=dt)
+        xs = [torch.tensor(x, dtype=dt, device=self.device) for x in grids(sizes)]
+        yt = torch.tensor(y, dtype=dt, device=self.device)
 
         def call(ells, sigmas):
-            e = torch.tensor(ells, dtype=dt, requires_grad=True)
+            e = torch.tensor(ells, dtype=dt, device=self.device, requires_grad=True)
             s = torch.tensor(sigmas, dtype=dt, requires_grad=True)
-            ks = [torch.exp(-((x[:, None] - x[None, :]) ** 2)[None] / (2 * e[:, i, None, None]
-                  ** 2)) for i, x in enumerate(xs)]
-            from linear_operator.operators import (DenseLinearOperator,
-                                                   KroneckerProductLinearOperator)
+            ks = [
+                torch.exp(-((x[:, None] - x[None, :]) ** 2)[None] / (2 * e[:, i, None, None] ** 2))
+                for i, x in enumerate(xs)
+            ]
+            from linear_operator.operators import (
+                DenseLinearOperator,
+                KroneckerProductLinearOperator,
+            )
 
             cov = KroneckerProductLinearOperator(*[DenseLinearOperator(k) for k in ks])
             cov = cov.add_diagonal((s**2)[:, None])  # (B, 1): a constant diagonal per setting
@@ -408,15 +435,16 @@ class GPyTorch(System):
         import torch
 
         dt = getattr(torch, self.dtype)
-        xs = [torch.tensor(x, dtype=dt) for x in grids(sizes)]
-        zero = torch.zeros(math.prod(sizes), dtype=dt)
+        xs = [torch.tensor(x, dtype=dt, device=self.device) for x in grids(sizes)]
+        zero = torch.zeros(math.prod(sizes), dtype=dt, device=self.device)
 
         def call(ells, sigma, seed):
             torch.manual_seed(seed)
-            e, sg = torch.tensor(ells, dtype=dt), torch.tensor(sigma, dtype=dt)
+            e = torch.tensor(ells, dtype=dt, device=self.device)
+            sg = torch.tensor(sigma, dtype=dt, device=self.device)
             with torch.no_grad(), self._settings():
                 mvn = gpytorch.distributions.MultivariateNormal(zero, self._cov(xs, e, sg))
-                return mvn.rsample(torch.Size([s])).double().numpy()
+                return mvn.rsample(torch.Size([s])).double().cpu().numpy()
 
         return call
 
@@ -445,8 +473,7 @@ class PyMC(System):
         with pm.Model() as m:
             ell = pm.Flat("ell", shape=len(sizes))
             sigma = pm.Flat("sigma")
-            covs = [pm.gp.cov.ExpQuad(1, ls=ell[i])(x[:, None]) for i, x in
-                    enumerate(grids(sizes))]
+            covs = [pm.gp.cov.ExpQuad(1, ls=ell[i])(x[:, None]) for i, x in enumerate(grids(sizes))]
             mu = np.zeros(math.prod(sizes))
             pm.KroneckerNormal("y", mu=mu, covs=covs, sigma=sigma, observed=y)
         return m
@@ -474,8 +501,7 @@ class PyMC(System):
             import pytensor.tensor as pt
 
             ell, sigma = pt.dvector("ell"), pt.dscalar("sigma")
-            covs = [pm.gp.cov.ExpQuad(1, ls=ell[i])(x[:, None]) for i, x in
-                    enumerate(grids(sizes))]
+            covs = [pm.gp.cov.ExpQuad(1, ls=ell[i])(x[:, None]) for i, x in enumerate(grids(sizes))]
             n = math.prod(sizes)
             rv = pm.KroneckerNormal.dist(mu=np.zeros(n), covs=covs, sigma=sigma, shape=(s, n))
             fn = pm.pytensorf.compile([ell, sigma], rv, random_seed=0, mode=self.mode)
@@ -486,6 +512,16 @@ class PyMC(System):
 
 def logp_systems():
     """Every system of the logp+grad workload, kronjax first, the floor last."""
-    return [KronJax(), KronJax("float32"), GPyTorch(), GPyTorch(max_chol=0),
-            GPyTorch(dtype="float32"), PyMC("NUMBA"), PyMC("CVM"), DenseNumPyro(), NaiveEigh(),
-            NumpyEig(), Floor()]
+    return [
+        KronJax(),
+        KronJax("float32"),
+        GPyTorch(),
+        GPyTorch(max_chol=0),
+        GPyTorch(dtype="float32"),
+        PyMC("NUMBA"),
+        PyMC("CVM"),
+        DenseNumPyro(),
+        NaiveEigh(),
+        NumpyEig(),
+        Floor(),
+    ]

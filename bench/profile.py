@@ -16,7 +16,6 @@ def main(sizes):
 
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
-    import numpy as np
     import scipy.linalg
 
     import kronjax
@@ -31,7 +30,9 @@ def main(sizes):
     t_np = y.reshape(sizes)
 
     def covs(e):
-        return [jnp.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * e[i] ** 2)) for i, x in enumerate(xs)]
+        return [
+            jnp.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * e[i] ** 2)) for i, x in enumerate(xs)
+        ]
 
     def logp(e, s):
         return kronjax.KroneckerNormal(0.0, covs=covs(e), sigma=s).log_prob(yj)
@@ -51,7 +52,9 @@ def main(sizes):
         "eigh, LAPACK via scipy (evd)": lambda: [scipy.linalg.eigh(k, driver="evd") for k in ks_np],
         "eigh, LAPACK via scipy (evr)": lambda: [scipy.linalg.eigh(k) for k in ks_np],
         "rotation pass, kron_matvec": lambda: jax.block_until_ready(rot_kron(yj)),
-        "rotation pass, cyclic GEMM in JAX": lambda: jax.block_until_ready(rot_cyc(yj.reshape(sizes))),
+        "rotation pass, cyclic GEMM in JAX": lambda: jax.block_until_ready(
+            rot_cyc(yj.reshape(sizes))
+        ),
         "rotation pass, cyclic GEMM in NumPy": lambda: rotate(t_np, qs_np, transpose=True),
         "log_prob (jit)": lambda: jax.block_until_ready(lp(e, s)),
         "log_prob + grad (jit)": lambda: jax.block_until_ready(lpg(e, s)),
@@ -61,13 +64,19 @@ def main(sizes):
         res[name] = time_call(fn, reps=5, budget=2.0)["median_s"]
     res["gradient's extra (lp+grad − lp)"] = res["log_prob + grad (jit)"] - res["log_prob (jit)"]
     hlo = lpg.lower(e, s).compile().as_text()
-    counts = {op: hlo.count(f" {op}(") for op in ("transpose", "copy", "dot", "fusion", "custom-call")}
+    counts = {
+        op: hlo.count(f" {op}(") for op in ("transpose", "copy", "dot", "fusion", "custom-call")
+    }
     n = math.prod(sizes)
     print(f"grid {sizes}, N = {n:,}")
     for k, v in res.items():
         print(f"  {k:38s} {v * 1e3:10.2f} ms")
     print(f"  optimized HLO of log_prob+grad: {counts}")
-    print(json.dumps(dict(sizes=sizes, times_s=res, hlo_ops=counts, lam_min=[float(v.min()) for v in lam])))
+    print(
+        json.dumps(
+            dict(sizes=sizes, times_s=res, hlo_ops=counts, lam_min=[float(v.min()) for v in lam])
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ N ≤ 4096), else against kronjax float64 (kronjax itself against the NumPy eige
 draws by the χ² statistic of their Mahalanobis norms.
 """
 
+# ruff: noqa: B023 - the closures in loops are called within the iteration that makes them
+
 import math
 import subprocess
 import sys
@@ -14,8 +16,18 @@ import traceback
 import numpy as np
 
 from bench import peers
-from bench.common import (CAP_S, data, eig_factors, grids, lp_grad_err, outer, params,
-                          rbf_np, rel_err, rotate, time_call)
+from bench.common import (
+    CAP_S,
+    data,
+    eig_factors,
+    grids,
+    lp_grad_err,
+    outer,
+    params,
+    rel_err,
+    rotate,
+    time_call,
+)
 
 SIZES = {
     "quick": {2: [32, 64, 128, 256], 3: [16, 32, 64]},
@@ -43,18 +55,24 @@ def _usable(systems, notes, log):
 
 
 class _Stopper:
-    """Stops a system past ``CAP_S`` per call, or when the next size is predicted past it."""
+    """Stops a system past ``CAP_S`` per call, or when the next size is predicted past it.
 
-    def __init__(self):
-        self.last, self.stopped = {}, {}
+    The prediction scales the last time by ``(N / N_last) ** power[name]`` (default 1;
+    3 for systems that factor a dense N × N matrix).
+    """
+
+    def __init__(self, power=None):
+        self.last, self.stopped, self.power = {}, {}, power or {}
 
     def skip(self, name, n):
         if name in self.stopped:
             return self.stopped[name]
         if name in self.last:
             n0, t0 = self.last[name]
-            if t0 * n / n0 > CAP_S:
-                self.stopped[name] = f"skipped: predicted > {CAP_S:.0f} s/call ({t0:.3g} s at N={n0})"
+            if t0 * (n / n0) ** self.power.get(name, 1) > CAP_S:
+                self.stopped[name] = (
+                    f"skipped: predicted > {CAP_S:.0f} s/call ({t0:.3g} s at N={n0})"
+                )
                 return self.stopped[name]
         return None
 
@@ -68,8 +86,16 @@ class _Stopper:
 
 
 def _row(workload, sizes, system, **kw):
-    return dict(workload=workload, d=len(sizes), grid=grid_name(sizes), N=math.prod(sizes),
-                system=system.name, dtype=system.dtype, threads=system.threads(), **kw)
+    return dict(
+        workload=workload,
+        d=len(sizes),
+        grid=grid_name(sizes),
+        N=math.prod(sizes),
+        system=system.name,
+        dtype=system.dtype,
+        threads=system.threads(),
+        **kw,
+    )
 
 
 # --- 1. logp + gradient ---------------------------------------------------------------------
@@ -101,13 +127,17 @@ def logp_grad(mode, log=print):
                     fn = s.logp_grad(sizes, y)
                     if s.name == "floor":
                         t = dict(out=fn(ells, sigma), **s.time(sizes, y, ells))
-                        t["note"] = (f"eigh {t['eigh_s'] * 1e3:.3g} ms + 3 × pass "
-                                     f"{t['pass_s'] * 1e3:.3g} ms")
+                        t.update(first_s=t["median_s"], min_s=t["median_s"], reps=5)
+                        t["note"] = (
+                            f"eigh {t['eigh_s'] * 1e3:.3g} ms + 3 × pass {t['pass_s'] * 1e3:.3g} ms"
+                        )
                     else:
                         t = time_call(lambda fn=fn: fn(ells, sigma))
                 except Exception as e:  # noqa: BLE001 - a failing peer is reported, not fatal
                     traceback.print_exc()
-                    rows.append(_row("logp", sizes, s, note=f"error: {type(e).__name__}: {e}"[:200]))
+                    rows.append(
+                        _row("logp", sizes, s, note=f"error: {type(e).__name__}: {e}"[:200])
+                    )
                     stop.stop(s.name, "done")
                     continue
                 out = t.pop("out")
@@ -118,32 +148,58 @@ def logp_grad(mode, log=print):
                     this_name = "numpy-eig"
                 elif s.name == "kronjax-f32" and ref_name == "kronjax":
                     this_ref = ref
-                err_lp, err_g = (lp_grad_err(out, this_ref) if out[1] is not None
-                                 else (rel_err(out[0], this_ref[0]), None))
-                row = _row("logp", sizes, s, err_lp=err_lp, err_grad=err_g, ref=this_name,
-                           **{k: v for k, v in t.items() if k != "capped"})
+                err_lp, err_g = (
+                    lp_grad_err(out, this_ref)
+                    if out[1] is not None
+                    else (rel_err(out[0], this_ref[0]), None)
+                )
+                row = _row(
+                    "logp",
+                    sizes,
+                    s,
+                    err_lp=err_lp,
+                    err_grad=err_g,
+                    ref=this_name,
+                    **{k: v for k, v in t.items() if k != "capped"},
+                )
                 rows.append(row)
                 log(_fmt_row(row))
                 stop.record(s.name, N, t)
             if i == 0:  # PyMC: keep the faster of its NUMBA and C (CVM) modes
-                pm = [r for r in rows if r["system"].startswith("pymc")
-                      and r["grid"] == grid_name(sizes) and r.get("median_s")]
+                pm = [
+                    r
+                    for r in rows
+                    if r["system"].startswith("pymc")
+                    and r["grid"] == grid_name(sizes)
+                    and r.get("median_s")
+                ]
                 if len(pm) == 2:
                     slow = max(pm, key=lambda r: r["median_s"])
                     fast = min(pm, key=lambda r: r["median_s"])
                     stop.stop(slow["system"], "done")
                     pymc_mode[d] = fast["system"].split("-")[1].upper()
-                    notes.append(f"{d}-D: {fast['system']} ({fast['median_s']:.3g} s) beat "
-                                 f"{slow['system']} ({slow['median_s']:.3g} s) at "
-                                 f"{slow['grid']}; the slower mode is dropped for larger grids.")
-    notes.append("Reference: 'dense' = SciPy Cholesky of the dense K (N ≤ 4096); above, peers "
-                 "are checked against kronjax float64 and kronjax against an independent "
-                 "NumPy/SciPy eigen implementation ('numpy-eig'). Errors are max-norm relative.")
-    notes.append("floor = the factors' eigh (LAPACK via SciPy, faster of drivers evd/evr) + 3 "
-                 "full-tensor rotation passes of one GEMM per mode (faster of NumPy and JAX); "
-                 "parts timed apart (median each), see the floor rows' notes.")
-    return dict(key="logp", title="1. log_prob + gradient (lengthscales, sigma)", rows=rows,
-                notes=notes, pymc_mode=pymc_mode.get(2, "NUMBA"))
+                    notes.append(
+                        f"{d}-D: {fast['system']} ({fast['median_s']:.3g} s) beat "
+                        f"{slow['system']} ({slow['median_s']:.3g} s) at "
+                        f"{slow['grid']}; the slower mode is dropped for larger grids."
+                    )
+    notes.append(
+        "Reference: 'dense' = SciPy Cholesky of the dense K (N ≤ 4096); above, peers "
+        "are checked against kronjax float64 and kronjax against an independent "
+        "NumPy/SciPy eigen implementation ('numpy-eig'). Errors are max-norm relative."
+    )
+    notes.append(
+        "floor = the factors' eigh (LAPACK via SciPy, faster of drivers evd/evr) + 3 "
+        "full-tensor rotation passes of one GEMM per mode (faster of NumPy and JAX); "
+        "parts timed apart (median each), see the floor rows' notes."
+    )
+    return dict(
+        key="logp",
+        title="1. log_prob + gradient (lengthscales, sigma)",
+        rows=rows,
+        notes=notes,
+        pymc_mode=pymc_mode.get(2, "NUMBA"),
+    )
 
 
 def _fmt_row(r):
@@ -155,8 +211,10 @@ def _fmt_row(r):
         extra = f" err lp {r['err_lp']:.1e} grad {eg} vs {r['ref']}"
     if "draws_per_s" in r:
         extra = f" {r['draws_per_s']:.3g} draws/s chi2 z {r['chi2_z']:+.2f}"
-    return (f"  {r['grid']:>8} {r['system']:18s} {r['median_s'] * 1e3:10.3f} ms "
-            f"(first {r['first_s']:.2f} s, {r['reps']} reps){extra}")
+    return (
+        f"  {r['grid']:>8} {r['system']:18s} {r['median_s'] * 1e3:10.3f} ms "
+        f"(first {r['first_s']:.2f} s, {r['reps']} reps){extra} {r.get('note', '')}"
+    )
 
 
 # --- 2. sampling ------------------------------------------------------------------------------
@@ -175,11 +233,17 @@ def chi2_z(sizes, x, ells, sigma):
 def sampling(mode, log=print):
     """Workload 2: draws per second (factorization included in every call)."""
     notes, rows = [], []
-    systems = [peers.KronJax(), peers.KronJax("float32"), peers.GPyTorch(), peers.PyMC("NUMBA"),
-               peers.DenseNumPyro(), peers.NumpyEig()]
+    systems = [
+        peers.KronJax(),
+        peers.KronJax("float32"),
+        peers.GPyTorch(),
+        peers.PyMC("NUMBA"),
+        peers.DenseNumPyro(),
+        peers.NumpyEig(),
+    ]
     systems = _usable(systems, notes, log)
     for d in (2, 3):
-        stop = _Stopper()
+        stop = _Stopper({"pymc-numba": 3, "dense-numpyro": 3})  # dense Cholesky per draw/call
         for n in SIZES[mode][d]:
             sizes = (n,) * d
             N, (ells, sigma) = n**d, params(sizes)
@@ -199,18 +263,29 @@ def sampling(mode, log=print):
                     t = time_call(lambda fn=fn: fn(ells, sigma, next(seed)))
                 except Exception as e:  # noqa: BLE001
                     traceback.print_exc()
-                    rows.append(_row("sample", sizes, s, note=f"error: {type(e).__name__}: {e}"[:200]))
+                    rows.append(
+                        _row("sample", sizes, s, note=f"error: {type(e).__name__}: {e}"[:200])
+                    )
                     stop.stop(s.name, "done")
                     continue
                 x, capped = t.pop("out"), t.pop("capped")
-                row = _row("sample", sizes, s, draws=k, draws_per_s=k / t["median_s"],
-                           chi2_z=chi2_z(sizes, x, ells, sigma), **t)
+                row = _row(
+                    "sample",
+                    sizes,
+                    s,
+                    draws=k,
+                    draws_per_s=k / t["median_s"],
+                    chi2_z=chi2_z(sizes, x, ells, sigma),
+                    **t,
+                )
                 rows.append(row)
                 log(_fmt_row(row))
                 stop.record(s.name, N, dict(row, capped=capped))
-    notes.append("Each call builds the factors and draws `draws` samples (PyMC: 4, since each of "
-                 "its draws factors the dense N×N covariance). chi2 z = (mean Mahalanobis norm "
-                 "− N)/sqrt(2N/draws), computed with the exact eigenbasis; |z| ≲ 3 means right.")
+    notes.append(
+        "Each call builds the factors and draws `draws` samples (PyMC: 4, since each of "
+        "its draws factors the dense N×N covariance). chi2 z = (mean Mahalanobis norm "
+        "− N)/sqrt(2N/draws), computed with the exact eigenbasis; |z| ≲ 3 means right."
+    )
     return dict(key="sample", title="2. Sampling: draws per second", rows=rows, notes=notes)
 
 
@@ -236,20 +311,30 @@ def prediction(mode, log=print):
     for sizes in [(n, n) for n in SIZES[mode][2]] + [(n,) * 3 for n in SIZES[mode][3][:2]]:
         y, (ells, sigma) = data(sizes), params(sizes)
         xs, xt = grids(sizes), [np.linspace(0, 1, 2 * n) for n in sizes]
-        cross = [np.exp(-((a[:, None] - b[None, :]) ** 2) / (2 * l**2))
-                 for a, b, l in zip(xt, xs, ells)]
-        # reference mean and variance in the eigenbasis
-        lam, qs = eig_factors(sizes, ells)
-        D = outer([np.maximum(v, 0) for v in lam]) + sigma**2
-        kq = [c @ q for c, q in zip(cross, qs)]
-        mean_ref = rotate(rotate(y.reshape(sizes), qs, transpose=True) / D, kq).reshape(-1)
-        var_ref = 1.0 - rotate(1 / D, [a * a for a in kq]).reshape(-1)
+        cross = [
+            np.exp(-((a[:, None] - b[None, :]) ** 2) / (2 * l**2)) for a, b, l in zip(xt, xs, ells)
+        ]
+
+        def reference():  # mean and variance in the eigenbasis, NumPy
+            lam, qs = eig_factors(sizes, ells)
+            D = outer([np.maximum(v, 0) for v in lam]) + sigma**2
+            kq = [c @ q for c, q in zip(cross, qs)]
+            mean = rotate(rotate(y.reshape(sizes), qs, transpose=True) / D, kq).reshape(-1)
+            return mean, 1.0 - rotate(1 / D, [a * a for a in kq]).reshape(-1)
+
+        t_ref = time_call(reference)
+        mean_ref, var_ref = t_ref.pop("out")
+        t_ref.pop("capped")
 
         @jax.jit
         def f(ells, sigma, y):
-            covs = [jnp.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * l**2)) for x, l in zip(xs, ells)]
-            cr = [jnp.exp(-((a[:, None] - b[None, :]) ** 2) / (2 * l**2))
-                  for a, b, l in zip(xt, xs, ells)]
+            covs = [
+                jnp.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * l**2)) for x, l in zip(xs, ells)
+            ]
+            cr = [
+                jnp.exp(-((a[:, None] - b[None, :]) ** 2) / (2 * l**2))
+                for a, b, l in zip(xt, xs, ells)
+            ]
             dist = kronjax.KroneckerNormal(0.0, covs=covs, sigma=sigma)
             return gp.predict(dist, y, cr, [jnp.ones(len(a)) for a in xt])
 
@@ -257,21 +342,55 @@ def prediction(mode, log=print):
             t = time_call(lambda: jax.block_until_ready(f(ells, sigma, y)))
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
-            rows.append(dict(workload="predict", grid=grid_name(sizes), N=math.prod(sizes),
-                             system="kronjax", note=f"error: {type(e).__name__}: {e}"[:200]))
+            rows.append(
+                dict(
+                    workload="predict",
+                    grid=grid_name(sizes),
+                    N=math.prod(sizes),
+                    system="kronjax",
+                    note=f"error: {type(e).__name__}: {e}"[:200],
+                )
+            )
             break
         out = t.pop("out")
         t.pop("capped")
         mean, var = (out[0], out[1]) if isinstance(out, tuple | list) else (out, None)
-        rows.append(dict(workload="predict", grid=grid_name(sizes), N=math.prod(sizes),
-                         N_test=math.prod(2 * n for n in sizes), system="kronjax",
-                         err_mean=rel_err(mean, mean_ref),
-                         err_var=None if var is None else rel_err(var, var_ref), **t))
-        log(f"  predict {grid_name(sizes)} {t['median_s'] * 1e3:.2f} ms err {rows[-1]['err_mean']:.1e}")
-    notes.append("Reference: the eigenbasis formulas in NumPy (mean K*Q D⁻¹Qᵀy, variance "
-                 "1 − Σ (K*Q)²/D per test point).")
-    return dict(key="predict", title="3. Prediction on a 2× finer test grid", rows=rows,
-                notes=notes)
+        rows.append(
+            dict(
+                workload="predict",
+                grid=grid_name(sizes),
+                N=math.prod(sizes),
+                N_test=math.prod(2 * n for n in sizes),
+                system="kronjax",
+                err_mean=rel_err(mean, mean_ref),
+                err_var=None if var is None else rel_err(var, var_ref),
+                **t,
+            )
+        )
+        rows.append(
+            dict(
+                workload="predict",
+                grid=grid_name(sizes),
+                N=math.prod(sizes),
+                N_test=rows[-1]["N_test"],
+                system="numpy-eig",
+                err_mean=0.0,
+                err_var=0.0,
+                **t_ref,
+            )
+        )
+        log(
+            f"  predict {grid_name(sizes)} kronjax {t['median_s'] * 1e3:.2f} ms, numpy "
+            f"{t_ref['median_s'] * 1e3:.2f} ms, "
+            f"err {rows[-2]['err_mean']:.1e}/{rows[-2]['err_var']:.1e}"
+        )
+    notes.append(
+        "Reference: the eigenbasis formulas in NumPy (mean K*Q D⁻¹Qᵀy, variance "
+        "1 − Σ (K*Q)²/D per test point)."
+    )
+    return dict(
+        key="predict", title="3. Prediction on a 2× finer test grid", rows=rows, notes=notes
+    )
 
 
 # --- 4. vmapped batches -------------------------------------------------------------------
@@ -289,8 +408,10 @@ def vmap_batch(mode, log=print):
     xs = [jnp.asarray(x) for x in grids(sizes)]
 
     def f(ells, sigma):
-        covs = [jnp.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * ells[i] ** 2))
-                for i, x in enumerate(xs)]
+        covs = [
+            jnp.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * ells[i] ** 2))
+            for i, x in enumerate(xs)
+        ]
         return kronjax.KroneckerNormal(0.0, covs=covs, sigma=sigma).log_prob(y)
 
     g = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
@@ -305,14 +426,19 @@ def vmap_batch(mode, log=print):
     def pack(lp, ge, gs):
         return np.asarray(lp), np.c_[np.asarray(ge), np.asarray(gs)]
 
-    def loop(E, S):
-        outs = [g(e, s) for e, s in zip(E, S)]
-        jax.block_until_ready(outs)
-        return pack([o[0] for o in outs], [o[1][0] for o in outs], [o[1][1] for o in outs])
+    # Timed calls only block on device outputs; reading them back is left out of the time.
+    def loop(pairs):
+        return jax.block_until_ready([g(e, s) for e, s in pairs])
 
     def vm(E, S):
-        lp, (ge, gs) = jax.block_until_ready(gv(E, S))
-        return pack(lp, ge, gs)
+        return jax.block_until_ready(gv(E, S))
+
+    def read(name, out):
+        if name == "kronjax-loop":
+            return pack([o[0] for o in out], [o[1][0] for o in out], [o[1][1] for o in out])
+        if name == "kronjax-vmap":
+            return pack(out[0], *out[1])
+        return out
 
     rng = np.random.default_rng(0)
     for B in (1, 16, 256, 1024):
@@ -320,7 +446,8 @@ def vmap_batch(mode, log=print):
         E, S = jnp.asarray(E_np), jnp.asarray(S_np)
         refs = [peers.numpy_eig_logp_grad(sizes, y, e, s) for e, s in zip(E_np, S_np)]
         ref = (np.array([r[0] for r in refs]), np.array([r[1] for r in refs]))
-        cases = [("kronjax-vmap", lambda: vm(E, S)), ("kronjax-loop", lambda: loop(E, S))]
+        pairs = list(zip(list(E), list(S)))  # per-setting device arrays, made once
+        cases = [("kronjax-vmap", lambda: vm(E, S)), ("kronjax-loop", lambda: loop(pairs))]
         if not gpt.skip_note():
             cases.append(("gpytorch-batch", lambda: gpt_fn(E_np, S_np)))
         for name, fn in cases:
@@ -329,19 +456,33 @@ def vmap_batch(mode, log=print):
                 notes.append(f"{name} skipped at B={B}: predicted > {CAP_S:.0f} s per call")
                 continue
             t = time_call(fn, budget=2.0)
-            out = t.pop("out")
+            out = read(name, t.pop("out"))
             t.pop("capped")
-            row = dict(workload="vmap", grid="32²", N=1024, B=B, system=name,
-                       err_lp=rel_err(out[0], ref[0]), err_grad=rel_err(out[1], ref[1]),
-                       per_setting_us=t["median_s"] / B * 1e6, **t)
+            row = dict(
+                workload="vmap",
+                grid="32²",
+                N=1024,
+                B=B,
+                system=name,
+                err_lp=rel_err(out[0], ref[0]),
+                err_grad=rel_err(out[1], ref[1]),
+                per_setting_us=t["median_s"] / B * 1e6,
+                **t,
+            )
             rows.append(row)
-            log(f"  B={B:5d} {name:15s} {t['median_s'] * 1e3:9.3f} ms "
-                f"({row['per_setting_us']:.1f} µs/setting) err {row['err_lp']:.1e}/{row['err_grad']:.1e}")
-    notes.append("value_and_grad w.r.t. (ells, sigma) for B random settings, ells ~ U(0.1, 0.5), "
-                 "sigma ~ U(0.05, 0.3); loop = Python loop over the jitted single call, blocked "
-                 "once at the end; reference: NumPy eigen implementation per setting.")
-    return dict(key="vmap", title="4. Batched evaluation at 32² (B settings)", rows=rows,
-                notes=notes)
+            log(
+                f"  B={B:5d} {name:15s} {t['median_s'] * 1e3:9.3f} ms "
+                f"({row['per_setting_us']:.1f} µs/setting) "
+                f"err {row['err_lp']:.1e}/{row['err_grad']:.1e}"
+            )
+    notes.append(
+        "value_and_grad w.r.t. (ells, sigma) for B random settings, ells ~ U(0.1, 0.5), "
+        "sigma ~ U(0.05, 0.3); loop = Python loop over the jitted single call, blocked "
+        "once at the end; reference: NumPy eigen implementation per setting."
+    )
+    return dict(
+        key="vmap", title="4. Batched evaluation at 32² (B settings)", rows=rows, notes=notes
+    )
 
 
 # --- 5. NUTS and 6. memory run in fresh subprocesses ---------------------------------------
@@ -353,9 +494,14 @@ def _subprocess_json(args, timeout, env=None):
     import os
     import signal
 
-    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
     t0 = time.perf_counter()
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -396,28 +542,44 @@ def nuts(mode, log=print, pymc_timeout=None, pymc_mode="NUMBA"):
             log("  " + nuts_mod.fmt(res))
     grad_rows = nuts_mod.gradient_check(grids_, log, pymc_mode)
     notes.append(nuts_mod.NOTE)
-    return dict(key="nuts", title="5. NUTS end to end (2 chains × (300 warm-up + 300 draws))",
-                rows=rows, grad_rows=grad_rows, notes=notes)
+    return dict(
+        key="nuts",
+        title="5. NUTS end to end (2 chains × (300 warm-up + 300 draws))",
+        rows=rows,
+        grad_rows=grad_rows,
+        notes=notes,
+    )
 
 
 def memory(mode, log=print):
     """Workload 6: peak RSS of one logp+grad at 128³ (quick: also 64³) above the baseline."""
     rows = []
-    for n in ([64, 128] if mode == "quick" else [128]):
+    for n in [64, 128] if mode == "quick" else [128]:
         for system in ("kronjax", "gpytorch", "numpy-eig"):
             res = _subprocess_json(["bench.memory", system, str(n)], timeout=600)
             res.update(system=system, grid=grid_name((n,) * 3), N=n**3, workload="memory")
             rows.append(res)
             if "peak_above_mb" in res:
-                log(f"  {res['grid']} {system:10s} peak above baseline {res['peak_above_mb']:.0f} MB "
-                    f"({res['peak_above_mb'] * 2**20 / (8 * n**3):.1f} × N × 8 B)")
+                log(
+                    f"  {res['grid']} {system:10s} "
+                    f"peak above baseline {res['peak_above_mb']:.0f} MB "
+                    f"({res['peak_above_mb'] * 2**20 / (8 * n**3):.1f} × N × 8 B)"
+                )
             else:
                 log(f"  {res['grid']} {system:10s} {res}")
-    notes = ["Fresh process per row: baseline = RSS after imports, data and compilation; "
-             "peak = VmHWM after /proc/self/clear_refs reset, then one logp+grad call. "
-             "Target: ≤ 12 × N × 8 bytes above the baseline."]
+    notes = [
+        "Fresh process per row: baseline = RSS after imports, data and compilation; "
+        "peak = VmHWM after /proc/self/clear_refs reset, then one logp+grad call. "
+        "Target: ≤ 12 × N × 8 bytes above the baseline."
+    ]
     return dict(key="memory", title="6. Peak memory (RSS) of logp+grad", rows=rows, notes=notes)
 
 
-WORKLOADS = {"logp": logp_grad, "sample": sampling, "predict": prediction, "vmap": vmap_batch,
-             "nuts": nuts, "memory": memory}
+WORKLOADS = {
+    "logp": logp_grad,
+    "sample": sampling,
+    "predict": prediction,
+    "vmap": vmap_batch,
+    "nuts": nuts,
+    "memory": memory,
+}
