@@ -609,9 +609,12 @@ class KroneckerNormal(Distribution):
             return
         if not bool(jnp.all(jnp.isfinite(self.loc))):
             raise ValueError("KroneckerNormal: loc has non-finite entries")
-        noise = self.sigma is not None
-        if noise and not bool(jnp.all(jnp.isfinite(self.sigma) & (self.sigma >= 0))):
+        if self.sigma is not None and not bool(
+            jnp.all(jnp.isfinite(self.sigma) & (self.sigma >= 0))
+        ):
             raise ValueError(f"KroneckerNormal: sigma must be finite and >= 0; got {self.sigma}")
+        # sigma = 0 adds no noise: the factors must then be positive definite
+        noise = self.sigma is not None and bool(jnp.all(self.sigma > 0))
         if self.noise_factors is not None:
             self._validate_noise()
         name = "covs" if self.covs is not None else "chols" if self.chols is not None else "evds"

@@ -75,6 +75,7 @@ def _asym():
         (dict(covs=[K4, _asym()], sigma=0.1), "covs[1] is not symmetric"),
         (dict(covs=[K3 - 2 * jnp.eye(3)], sigma=0.1), "covs[0] is not positive semi-definite"),
         (dict(covs=[K4, jnp.ones((3, 3))]), "covs[1] is not positive definite"),
+        (dict(covs=[K4, jnp.ones((3, 3))], sigma=0.0), "covs[1] is not positive definite"),
         (dict(chols=[jnp.ones((3, 3))]), "chols[0] is not lower triangular"),
         (dict(chols=[jnp.diag(jnp.array([1.0, 0.0, 2.0]))]), "chols[0] has a zero on its diagonal"),
         (dict(evds=[(jnp.array([1.0, -1.0, 2.0]), jnp.eye(3))]), "evds[0] is not positive semi"),
