@@ -122,6 +122,11 @@ def _whiten_factor(k: jax.Array, c: jax.Array) -> jax.Array:
     return jnp.vectorize(whiten, signature="(n,n),(n,n)->(n,n)")(k, c)
 
 
+def _diag_root(a: jax.Array) -> jax.Array:
+    r""":math:`\operatorname{diag}(\sqrt{a})` for a diagonal noise factor given as ``a``."""
+    return jnp.sqrt(a)[..., None] * jnp.eye(a.shape[-1], dtype=a.dtype)
+
+
 def _batch_shape(loc, factors, sigma, factor_name: str, extra=()) -> tuple[int, ...]:
     """Broadcast the batch dims of ``loc``, every factor, ``sigma`` and ``extra`` (pairs of
     name and batch dims), naming a culprit."""
@@ -304,37 +309,52 @@ class KroneckerNormal(Distribution):
             self._eigvals = tuple(v.astype(dtype) for v in eigvals)
             self._eigvecs = tuple(q.astype(dtype) for q in eigvecs)
         if self._eig_covs is not None:  # the one eigendecomposition per factor
-            pairs = [jnp.linalg.eigh(jax.lax.stop_gradient(k)) for k in self._eig_covs]
+            pairs = linalg._one_after_another(
+                jnp.linalg.eigh,
+                [(jax.lax.stop_gradient(k),) for k in self._eig_covs],
+                after=(factors, noise),
+            )
             self._eigvals = tuple(p[0] for p in pairs)
             self._eigvecs = tuple(p[1] for p in pairs)
         self.noise_factors = self._noise_chols = None
         self._white_covs = self._white_vals = self._white_vecs = None
         if noise is not None:
-            self._init_noise(noise, noise_is_matrix, dtype)
+            self._init_noise(noise, noise_is_matrix, dtype, after=(factors, noise))
         super().__init__(batch_shape, (n,), validate_args=validate_args)
 
-    def _init_noise(self, noise, is_matrix, dtype) -> None:
-        """Whiten every factor by its noise root, once, and decompose the whitened factors."""
+    def _init_noise(self, noise, is_matrix, dtype, after) -> None:
+        """Whiten every factor by its noise root, once, and decompose the whitened factors
+        (after ``after``, the arrays given, or the factors' own eigenvectors)."""
         self.noise_factors = tuple(None if a is None else a.astype(dtype) for a in noise)
-        self._noise_chols = tuple(
-            jnp.linalg.cholesky(a) if m else None
-            for a, m in zip(self.noise_factors, is_matrix, strict=True)
-        )
         if self.sigma is None:
             self.sigma = jnp.ones((), dtype)
-        covs, vals, vecs = [], [], []
-        for i, (k, c) in enumerate(zip(self._factor_covs(), self._noise_roots(), strict=True)):
-            if self.noise_factors[i] is None and self._eigvals is not None:
-                covs.append(k)  # identity noise on this axis: the factor's own decomposition
-                vals.append(self._eigvals[i])
-                vecs.append(self._eigvecs[i])
-                continue
-            kt = k if self.noise_factors[i] is None else _whiten_factor(k, c)
-            v, q = jnp.linalg.eigh(jax.lax.stop_gradient(kt))
-            covs.append(kt)
-            vals.append(v)
-            vecs.append(q)
-        self._white_covs, self._white_vals, self._white_vecs = tuple(covs), tuple(vals), tuple(vecs)
+        covs, vals, vecs = self._factor_covs(), self._eigvals, self._eigvecs
+        # identity noise on an axis with a decomposition already: keep the factor's own
+        todo = [i for i, a in enumerate(self.noise_factors) if a is not None or vals is None]
+
+        def decompose(k, a, matrix):
+            chol = jnp.linalg.cholesky(a) if matrix else None
+            if a is not None:
+                k = _whiten_factor(k, chol if matrix else _diag_root(a))
+            v, q = jnp.linalg.eigh(jax.lax.stop_gradient(k))
+            return chol, k, v, q
+
+        done = dict(
+            zip(
+                todo,
+                linalg._one_after_another(
+                    decompose,
+                    [(covs[i], self.noise_factors[i], is_matrix[i]) for i in todo],
+                    after=after if vecs is None else vecs[-1],
+                ),
+                strict=True,
+            )
+        )
+        self._noise_chols = tuple(done[i][0] if i in done else None for i in range(len(covs)))
+        self._white_covs, self._white_vals, self._white_vecs = (
+            tuple(done[i][j] if i in done else own[i] for i in range(len(covs)))
+            for j, own in ((1, covs), (2, vals), (3, vecs))
+        )
 
     # -- shapes -----------------------------------------------------------------------
 
@@ -401,7 +421,7 @@ class KroneckerNormal(Distribution):
             if a is None:
                 out.append(jnp.eye(n, dtype=self.loc.dtype))
             else:
-                out.append(jnp.sqrt(a)[..., None] * jnp.eye(n, dtype=a.dtype) if c is None else c)
+                out.append(_diag_root(a) if c is None else c)
         return tuple(out)
 
     def _noise_mats(self) -> tuple[jax.Array, ...]:

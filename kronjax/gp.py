@@ -205,7 +205,7 @@ def _eigen_parts(dist: KroneckerNormal):
             vals, vecs = jax.lax.stop_gradient((vals, vecs))
         return covs, vals, vecs
     covs = tuple(l @ jnp.swapaxes(l, -1, -2) for l in dist.chols)
-    pairs = [jnp.linalg.eigh(jax.lax.stop_gradient(k)) for k in covs]
+    pairs = linalg._one_after_another(jnp.linalg.eigh, [(jax.lax.stop_gradient(k),) for k in covs])
     return covs, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
 
 
@@ -342,8 +342,10 @@ def predict(
             partial(jax.scipy.linalg.solve_triangular, lower=True), signature="(n,n),(n,m)->(n,m)"
         )
         kstars = tuple(
-            jnp.swapaxes(solve(c, jnp.swapaxes(k, -1, -2)), -1, -2)
-            for c, k in zip(roots, kstars, strict=True)
+            jnp.swapaxes(k, -1, -2)
+            for k in linalg._one_after_another(
+                solve, [(c, jnp.swapaxes(k, -1, -2)) for c, k in zip(roots, kstars, strict=True)], r
+            )
         )
     alpha = linalg.kron_eig_solve(r, vals, vecs, sigma2, covs=covs)
     if grid:
