@@ -29,7 +29,14 @@ import numpy as np
 
 from kronjax import linalg
 from kronjax.distribution import KroneckerNormal
-from kronjax.linalg import _mode_product, _outer_tensor, _rest_weights, _spectrum, _to_mode
+from kronjax.linalg import (
+    _from_eigenbasis,
+    _mode_product,
+    _outer_tensor,
+    _rest_weights,
+    _spectrum,
+    _to_mode,
+)
 
 __all__ = ["predict", "cartesian"]
 
@@ -142,7 +149,7 @@ def _cov_grid_reduction_bwd(res, h):
             u = row[0][:, None] * di
             return -(u * row[1]) @ u.T
 
-        cov_bars.append(q @ _sum_map(term, (b[i], hw), jnp.zeros_like(q)) @ q.T)
+        cov_bars.append(_from_eigenbasis(q, _sum_map(term, (b[i], hw), jnp.zeros_like(q))))
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
     return (tuple(cov_bars), *zeros, sigma2_bar, kstar_bars)
 
@@ -177,7 +184,7 @@ def _cov_points_reduction_bwd(res, h):
         return [-hj * (_to_mode(c, i) * w) @ _to_mode(c, i).T for i, w in enumerate(weights)]
 
     ms = _sum_map(point, (b, h), [jnp.zeros_like(q) for q in eigvecs])
-    cov_bars = tuple(q @ m @ q.T for q, m in zip(eigvecs, ms, strict=True))
+    cov_bars = tuple(_from_eigenbasis(q, m) for q, m in zip(eigvecs, ms, strict=True))
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
     return (cov_bars, *zeros, sigma2_bar, kstar_bars)
 

@@ -69,6 +69,22 @@ def _one_after_another(fn, args_list, after=None) -> list:
     return outs
 
 
+def _fence(x: jax.Array) -> jax.Array:
+    """``x`` unchanged, as a boundary XLA's CPU compiler does not fuse across.
+
+    jaxlib 0.10 fuses chains of float64 dots with the elementwise ops and reductions around
+    them (the caller's chain rule included) into one YNNPACK fusion that runs 5–10× slower
+    than the same dots apart (``bench/profile.py``); a ``select`` between them keeps them
+    apart. Costs one elementwise pass.
+    """
+    return jnp.where(jnp.isnan(x), jnp.nan, x)
+
+
+def _from_eigenbasis(q: jax.Array, m: jax.Array) -> jax.Array:
+    r""":math:`Q M Q^\top` for a cotangent :math:`M` in the eigenbasis of a factor."""
+    return _fence(_fence(q @ m) @ jnp.swapaxes(q, -1, -2))
+
+
 def _split_along(t: jax.Array, j: int, d: int) -> jax.Array:
     """Constrain the trailing ``d`` grid axes of ``t`` to be split along grid axis ``j``.
 
@@ -297,9 +313,9 @@ def _cov_logpdf_bwd(res, g):
     for i, (q, gi) in enumerate(zip(eigvecs, _logdet_grads(eigvals, D))):
         rest = [j for j in range(d) if j != i]
         a = _fibres(alpha, i, d)
-        S = jnp.tensordot(a * _other_eigvals(eigvals, i), a, axes=(rest, rest))
+        S = _fence(jnp.tensordot(a * _other_eigvals(eigvals, i), a, axes=(rest, rest)))
         M = 0.5 * g * (S - jnp.diag(gi))
-        cov_bars.append(q @ M @ q.T)
+        cov_bars.append(_from_eigenbasis(q, M))
     sigma2_bar = 0.5 * g * (jnp.sum(alpha * alpha) - jnp.sum(1 / D))
     r_bar = -g * _rotate(eigvecs, alpha, transpose=False).reshape(-1)
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
@@ -325,7 +341,9 @@ def _cov_logdet_fwd(covs, eigvals, eigvecs, sigma2):
 
 def _cov_logdet_bwd(res, g):
     eigvals, eigvecs, D = res
-    cov_bars = tuple(g * (q * gi) @ q.T for q, gi in zip(eigvecs, _logdet_grads(eigvals, D)))
+    cov_bars = tuple(
+        _fence((q * (g * gi)) @ q.T) for q, gi in zip(eigvecs, _logdet_grads(eigvals, D))
+    )
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
     return (cov_bars, *zeros, g * jnp.sum(1 / D))
 
@@ -455,8 +473,8 @@ def _cov_solve_bwd(res, g):
     beta = _rotate(eigvecs, g.reshape(D.shape), transpose=True) / D
     cov_bars = []
     for i, q in enumerate(eigvecs):
-        m = -(_to_mode(beta, i) * _rest_weights(eigvals, i)) @ _to_mode(alpha, i).T
-        cov_bars.append(q @ (0.5 * (m + m.T)) @ q.T)
+        m = _fence(-(_to_mode(beta, i) * _rest_weights(eigvals, i)) @ _to_mode(alpha, i).T)
+        cov_bars.append(_from_eigenbasis(q, 0.5 * (m + m.T)))
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
     r_bar = _rotate(eigvecs, beta, transpose=False).reshape(-1)
     return (tuple(cov_bars), *zeros, -jnp.sum(beta * alpha), r_bar)
@@ -497,7 +515,7 @@ def _cov_sqrt_matvec_bwd(res, g):
             return jnp.sum(a[0] * zi * _safe_inv(a[1] + si), axis=1)
 
         m = jax.lax.map(row, (gw, si))
-        cov_bars.append(q @ (0.5 * (m + m.T)) @ q.T)
+        cov_bars.append(_from_eigenbasis(q, 0.5 * (m + m.T)))
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
     sigma2_bar = jnp.sum(gt * zt * _safe_inv(2 * s))
     z_bar = _rotate(eigvecs, s * gt, transpose=False).reshape(-1)
@@ -615,9 +633,9 @@ def _cov_trace_bwd(res, g):
             rest = tuple(j for j in range(d) if j != i)
             others = _outer_tensor([jnp.ones_like(v) if j == i else v for j, v in enumerate(ds)])
             c = jnp.sum(others / D, axis=rest)
-            bars.append(g * (q * c) @ q.T)
+            bars.append(_fence((q * (g * c)) @ q.T))
             H = jnp.tensordot(others * _other_eigvals(eigvals, i) / D, 1 / D, axes=(rest, rest))
-            cov_bars[i] = cov_bars[i] - g * q @ (ms[i].T * H) @ q.T
+            cov_bars[i] = cov_bars[i] - _from_eigenbasis(q, g * ms[i].T * _fence(H))
         term_bars.append(tuple(bars))
         sigma2_bar = sigma2_bar - g * jnp.sum(_outer_tensor(ds) / (D * D))
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
@@ -698,11 +716,11 @@ def _psd_sqrt_bwd(res, root_bar):
     eigval, eigvec = res
     qt = jnp.swapaxes(eigvec, -1, -2)
     s = jnp.sqrt(jnp.maximum(eigval, 0))
-    m = qt @ root_bar @ eigvec
+    m = _fence(_fence(qt @ root_bar) @ eigvec)
     m = 0.5 * (m + jnp.swapaxes(m, -1, -2))
     denom = s[..., :, None] + s[..., None, :]
     m = jnp.where(denom > 0, m / jnp.where(denom > 0, denom, 1), 0)
-    return eigvec @ m @ qt, jnp.zeros_like(eigval), jnp.zeros_like(eigvec)
+    return _from_eigenbasis(eigvec, m), jnp.zeros_like(eigval), jnp.zeros_like(eigvec)
 
 
 _psd_sqrt.defvjp(_psd_sqrt_fwd, _psd_sqrt_bwd)
