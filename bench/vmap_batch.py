@@ -6,10 +6,10 @@ B hyperparameter settings (two lengthscales, sigma) of a 32 × 32 RBF grid GP, l
 its gradient: one ``jit(vmap(value_and_grad))`` call against B calls of the jitted
 single-setting function. Float64, median of 5 after a warm-up, compile time apart.
 
-Each B runs in its own subprocess with a time limit and up to three tries: on this 2-core
-CPU, jax 0.10.2's runtime intermittently deadlocks (threads parked in futex waits, no CPU
-use) in ``jit(vmap(...))`` calls of this model at B >= 256, with or without
-``OPENBLAS_NUM_THREADS=1``; a try that hangs is recorded as such.
+Each B runs in its own subprocess with a time limit and up to three tries, so that a hang
+is recorded rather than stalling the run. (Before kronjax ordered its LAPACK calls, two
+concurrent batched ``eigh`` calls deadlocked XLA's CPU thread pool here at B >= 256; see
+``kronjax.linalg._one_after_another`` and README "A CPU hang to know about".)
 """
 
 import datetime
