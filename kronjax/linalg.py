@@ -56,8 +56,11 @@ def _one_after_another(fn, args_list, after=None) -> list:
     array argument orders the calls and changes no value; the first call waits for every
     array in the pytree ``after`` (pass the caller's inputs, which the caller may itself have
     computed with LAPACK). Under ``vmap`` an unbatched factor after a batched one is
-    decomposed once per batch member.
+    decomposed once per batch member. Only on CPU: elsewhere the calls stay independent,
+    free to overlap (two factors' ``eigh`` on a GPU).
     """
+    if jax.default_backend() != "cpu":
+        return [fn(*args) for args in args_list]
     outs = []
     for args in args_list:
         leaves = jax.tree.leaves(jax.lax.stop_gradient(after))
