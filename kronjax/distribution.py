@@ -308,28 +308,45 @@ class KroneckerNormal(Distribution):
         else:
             self._eigvals = tuple(v.astype(dtype) for v in eigvals)
             self._eigvecs = tuple(q.astype(dtype) for q in eigvecs)
-        if self._eig_covs is not None:  # the one eigendecomposition per factor
-            pairs = linalg._one_after_another(
-                jnp.linalg.eigh,
-                [(jax.lax.stop_gradient(k),) for k in self._eig_covs],
-                after=(factors, noise),
-            )
-            self._eigvals = tuple(p[0] for p in pairs)
-            self._eigvecs = tuple(p[1] for p in pairs)
         self.noise_factors = self._noise_chols = None
         self._white_covs = self._white_vals = self._white_vecs = None
+        after = (factors, noise)  # LAPACK calls wait for the caller's arrays, then in turn
         if noise is not None:
-            self._init_noise(noise, noise_is_matrix, dtype, after=(factors, noise))
+            self._init_noise(noise, noise_is_matrix, dtype, after)
+            after = self._white_vecs[-1]
+        if self._eig_covs is not None:  # the one eigendecomposition per factor
+            self._init_eigh(noise, after)
         super().__init__(batch_shape, (n,), validate_args=validate_args)
+
+    def _init_eigh(self, noise, after) -> None:
+        """``eigh`` of every factor, ordered after ``after``. With noise factors only log_prob's
+        whitened decompositions are needed (this one serves sampling), so it comes after them
+        and ``jit`` drops it when unused; identity-noise axes reuse the whitened one."""
+        own = [] if noise is None else [i for i, a in enumerate(noise) if a is None]
+        todo = [i for i in range(len(self._eig_covs)) if i not in own]
+        pairs = dict(
+            zip(
+                todo,
+                linalg._one_after_another(
+                    jnp.linalg.eigh,
+                    [(jax.lax.stop_gradient(self._eig_covs[i]),) for i in todo],
+                    after=after,
+                ),
+                strict=True,
+            )
+        )
+        pairs.update({i: (self._white_vals[i], self._white_vecs[i]) for i in own})
+        self._eigvals = tuple(pairs[i][0] for i in range(len(pairs)))
+        self._eigvecs = tuple(pairs[i][1] for i in range(len(pairs)))
 
     def _init_noise(self, noise, is_matrix, dtype, after) -> None:
         """Whiten every factor by its noise root, once, and decompose the whitened factors
-        (after ``after``, the arrays given, or the factors' own eigenvectors)."""
+        (after ``after``, the arrays given)."""
         self.noise_factors = tuple(None if a is None else a.astype(dtype) for a in noise)
         if self.sigma is None:
             self.sigma = jnp.ones((), dtype)
         covs, vals, vecs = self._factor_covs(), self._eigvals, self._eigvecs
-        # identity noise on an axis with a decomposition already: keep the factor's own
+        # identity noise on an axis with a decomposition given (evds): keep the factor's own
         todo = [i for i, a in enumerate(self.noise_factors) if a is not None or vals is None]
 
         def decompose(k, a, matrix):
@@ -345,7 +362,7 @@ class KroneckerNormal(Distribution):
                 linalg._one_after_another(
                     decompose,
                     [(covs[i], self.noise_factors[i], is_matrix[i]) for i in todo],
-                    after=after if vecs is None else vecs[-1],
+                    after=after,
                 ),
                 strict=True,
             )

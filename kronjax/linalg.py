@@ -84,7 +84,8 @@ def _fence(x: jax.Array) -> jax.Array:
 
 
 def _from_eigenbasis(q: jax.Array, m: jax.Array) -> jax.Array:
-    r""":math:`Q M Q^\top` for a cotangent :math:`M` in the eigenbasis of a factor."""
+    r""":math:`Q M Q^\top`, the products kept apart by :func:`_fence`: a cotangent ``M`` in a
+    factor's eigenbasis back to the original one (with ``Q = Q_iᵀ``, into the eigenbasis)."""
     return _fence(_fence(q @ m) @ jnp.swapaxes(q, -1, -2))
 
 
@@ -719,7 +720,7 @@ def _psd_sqrt_bwd(res, root_bar):
     eigval, eigvec = res
     qt = jnp.swapaxes(eigvec, -1, -2)
     s = jnp.sqrt(jnp.maximum(eigval, 0))
-    m = _fence(_fence(qt @ root_bar) @ eigvec)
+    m = _from_eigenbasis(qt, root_bar)  # Qᵀ R̄ Q
     m = 0.5 * (m + jnp.swapaxes(m, -1, -2))
     denom = s[..., :, None] + s[..., None, :]
     m = jnp.where(denom > 0, m / jnp.where(denom > 0, denom, 1), 0)
