@@ -29,6 +29,9 @@ def main(argv=None):
     p.add_argument("--report-only", metavar="JSON", help="re-render RESULTS.md and plots")
     a = p.parse_args(argv)
     mode = "full" if a.full else "quick"
+    # Before any BLAS loads: OpenBLAS workers idle after a LAPACK call (jaxlib's eigh)
+    # spin for ~0.1 s and take a core from XLA's matrix products; README, "Speed".
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     if a.report_only:
         import json
 

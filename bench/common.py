@@ -125,7 +125,8 @@ def time_call(fn, reps=5, cap=CAP_S, budget=1.0, max_reps=50):
 
 def threads_info():
     """BLAS/OpenMP thread pools of this process (threadpoolctl) and the XLA flags."""
-    info = {"cpu_count": os.cpu_count(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    info = {"cpu_count": os.cpu_count()}
+    info.update({k: os.environ.get(k, "") for k in ("XLA_FLAGS", "OPENBLAS_THREAD_TIMEOUT")})
     try:
         from threadpoolctl import threadpool_info
 

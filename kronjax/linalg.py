@@ -290,14 +290,30 @@ def _other_eigvals(eigvals, i):
     )
 
 
+def _other_roots(eigvals, i):
+    r""":math:`\sqrt{W_i}`, broadcastable against the grid tensor: with it a weighted
+    contraction over the other axes becomes one Gram matrix."""
+    return _outer_tensor(
+        [jnp.ones_like(v) if j == i else jnp.sqrt(jnp.maximum(v, 0)) for j, v in enumerate(eigvals)]
+    )
+
+
 def _logdet_grads(eigvals, D):
-    r""":math:`g_i[a] = \sum_{\text{rest}} W_i / D`, one vector per factor."""
-    d = len(eigvals)
-    out = []
-    for i in range(d):
-        rest = tuple(j for j in range(d) if j != i)
-        out.append(jnp.sum(_other_eigvals(eigvals, i) / D, axis=rest))
-    return out
+    r""":math:`g_i[a] = \sum_{\text{rest}} W_i / D`, one vector per factor.
+
+    Contractions of :math:`1/D` with the eigenvalue vectors, never an N-sized :math:`W_i`:
+    the last axis is contracted once and the other axes' sums recurse on the result.
+    """
+    return _contract_others(1 / D, [jnp.maximum(v, 0) for v in eigvals])
+
+
+def _contract_others(t, vectors):
+    r"""For each axis i of ``t``: ``t`` contracted with ``vectors[j]`` over every axis j ≠ i."""
+    if len(vectors) == 1:
+        return [t]
+    last = t.reshape(-1, t.shape[-1])
+    head = _contract_others((last @ vectors[-1]).reshape(t.shape[:-1]), vectors[:-1])
+    return head + [_outer_tensor(vectors[:-1]).reshape(-1) @ last]
 
 
 @jax.custom_vjp
@@ -312,13 +328,10 @@ def _cov_logpdf_fwd(covs, eigvals, eigvecs, sigma2, r):
 
 def _cov_logpdf_bwd(res, g):
     eigvals, eigvecs, alpha, D = res
-    d = len(eigvals)
     cov_bars = []
     for i, (q, gi) in enumerate(zip(eigvecs, _logdet_grads(eigvals, D))):
-        rest = [j for j in range(d) if j != i]
-        a = _fibres(alpha, i, d)
-        S = _fence(jnp.tensordot(a * _other_eigvals(eigvals, i), a, axes=(rest, rest)))
-        M = 0.5 * g * (S - jnp.diag(gi))
+        b = _to_mode(alpha * _other_roots(eigvals, i), i)
+        M = 0.5 * g * (_fence(b @ b.T) - jnp.diag(gi))
         cov_bars.append(_from_eigenbasis(q, M))
     sigma2_bar = 0.5 * g * (jnp.sum(alpha * alpha) - jnp.sum(1 / D))
     r_bar = -g * _rotate(eigvecs, alpha, transpose=False).reshape(-1)
