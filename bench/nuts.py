@@ -232,7 +232,7 @@ def fmt(r):
         return (
             f"{r['grid']:>6} {r['system']:16s} wall {r['wall_s']:.1f} s "
             f"(+compile {r['compile_s']:.1f} s) ESS {r['ess_min']:.0f} "
-            f"ESS/s {r['ess_per_s']:.1f} div {r['divergences']} "
+            f"ESS/s {r['ess_per_s'] or float('nan'):.1f} div {r['divergences']} "
             f"depth {r['mean_tree_depth']:.2f} step {np.round(r['step_size'], 4).tolist()}"
         )
     return f"{r['grid']:>6} {r['system']:16s} {r.get('note', '')} {r.get('error', '')[-300:]} " + (

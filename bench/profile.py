@@ -80,4 +80,8 @@ def main(sizes):
 
 
 if __name__ == "__main__":
+    import os
+
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")  # as python -m bench; README, "Speed"
+    print(f"OPENBLAS_THREAD_TIMEOUT={os.environ['OPENBLAS_THREAD_TIMEOUT']}")
     main(tuple(int(a) for a in sys.argv[1:]))
