@@ -7,6 +7,7 @@ row against kronjax float64 on the same device.
 
 # ruff: noqa: B023 - the closures in loops are called within the iteration that makes them
 
+import datetime
 import json
 import platform
 import sys
@@ -26,6 +27,7 @@ def main(outfile):
 
     dev = jax.devices()[0]
     meta = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
         jax_device=str(dev),
         torch_device=torch.cuda.get_device_name(0),
         jax=jax.__version__,
