@@ -18,30 +18,17 @@ SIZES = ((256, 256), (512, 512), (1024, 1024), (64, 64, 64), (100, 100, 100), (1
 
 
 def child():
-    """Time logp+grad of the benchmark problem at every size; print one JSON line."""
+    """Time logp+grad of the benchmark problem at every size (workload 1's kronjax row)."""
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp
-
-    import kronjax
-    from bench.common import data, grids, params, time_call
+    from bench import peers
+    from bench.common import data, params, time_call
 
     out = {}
     for sizes in SIZES:
-        y, (ells, sigma) = jnp.asarray(data(sizes)), params(sizes)
-        xs = [jnp.asarray(x) for x in grids(sizes)]
-
-        def logp(e, s, xs=xs, y=y):
-            covs = [
-                jnp.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * e[i] ** 2))
-                for i, x in enumerate(xs)
-            ]
-            return kronjax.KroneckerNormal(0.0, covs=covs, sigma=s).log_prob(y)
-
-        f = jax.jit(jax.value_and_grad(logp, argnums=(0, 1)))
-        e, s = jnp.asarray(ells), jnp.asarray(sigma)
-        t = time_call(lambda f=f, e=e, s=s: jax.block_until_ready(f(e, s)), reps=10, budget=2.0)
+        fn, (ells, sigma) = peers.KronJax().logp_grad(sizes, data(sizes)), params(sizes)
+        t = time_call(lambda fn=fn, e=ells, s=sigma: fn(e, s), reps=10, budget=2.0)
         out["×".join(map(str, sizes))] = t["median_s"]
     print(json.dumps(out))
 

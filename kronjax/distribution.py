@@ -127,6 +127,13 @@ def _diag_root(a: jax.Array) -> jax.Array:
     return jnp.sqrt(a)[..., None] * jnp.eye(a.shape[-1], dtype=a.dtype)
 
 
+def _ordered(indices, fn, args_of, after) -> dict:
+    """``{i: fn(*args_of(i)) for i in indices}``, the LAPACK calls one after another and after
+    the arrays in ``after`` (see ``linalg._one_after_another``)."""
+    outs = linalg._one_after_another(fn, [args_of(i) for i in indices], after=after)
+    return dict(zip(indices, outs, strict=True))
+
+
 def _batch_shape(loc, factors, sigma, factor_name: str, extra=()) -> tuple[int, ...]:
     """Broadcast the batch dims of ``loc``, every factor, ``sigma`` and ``extra`` (pairs of
     name and batch dims), naming a culprit."""
@@ -324,16 +331,8 @@ class KroneckerNormal(Distribution):
         and ``jit`` drops it when unused; identity-noise axes reuse the whitened one."""
         own = [] if noise is None else [i for i, a in enumerate(noise) if a is None]
         todo = [i for i in range(len(self._eig_covs)) if i not in own]
-        pairs = dict(
-            zip(
-                todo,
-                linalg._one_after_another(
-                    jnp.linalg.eigh,
-                    [(jax.lax.stop_gradient(self._eig_covs[i]),) for i in todo],
-                    after=after,
-                ),
-                strict=True,
-            )
+        pairs = _ordered(
+            todo, jnp.linalg.eigh, lambda i: (jax.lax.stop_gradient(self._eig_covs[i]),), after
         )
         pairs.update({i: (self._white_vals[i], self._white_vecs[i]) for i in own})
         self._eigvals = tuple(pairs[i][0] for i in range(len(pairs)))
@@ -356,16 +355,8 @@ class KroneckerNormal(Distribution):
             v, q = jnp.linalg.eigh(jax.lax.stop_gradient(k))
             return chol, k, v, q
 
-        done = dict(
-            zip(
-                todo,
-                linalg._one_after_another(
-                    decompose,
-                    [(covs[i], self.noise_factors[i], is_matrix[i]) for i in todo],
-                    after=after,
-                ),
-                strict=True,
-            )
+        done = _ordered(
+            todo, decompose, lambda i: (covs[i], self.noise_factors[i], is_matrix[i]), after
         )
         self._noise_chols = tuple(done[i][0] if i in done else None for i in range(len(covs)))
         self._white_covs, self._white_vals, self._white_vecs = (

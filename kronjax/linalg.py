@@ -283,18 +283,13 @@ def _eig_logpdf(eigvals, eigvecs, sigma2, r):
     return _eig_forward(eigvals, eigvecs, sigma2, r)[0]
 
 
-def _other_eigvals(eigvals, i):
-    """:math:`W_i = \\otimes_{j \\ne i} \\lambda_j`, broadcastable against the grid tensor."""
+def _other_eigvals(eigvals, i, root: bool = False):
+    """:math:`W_i = \\otimes_{j \\ne i} \\lambda_j` (or :math:`\\sqrt{W_i}`), broadcastable against
+    the grid tensor. With the root, a :math:`W_i`-weighted contraction of a tensor with itself
+    over the other axes is one Gram matrix."""
+    vals = [jnp.maximum(v, 0) for v in eigvals]
     return _outer_tensor(
-        [jnp.ones_like(v) if j == i else jnp.maximum(v, 0) for j, v in enumerate(eigvals)]
-    )
-
-
-def _other_roots(eigvals, i):
-    r""":math:`\sqrt{W_i}`, broadcastable against the grid tensor: with it a weighted
-    contraction over the other axes becomes one Gram matrix."""
-    return _outer_tensor(
-        [jnp.ones_like(v) if j == i else jnp.sqrt(jnp.maximum(v, 0)) for j, v in enumerate(eigvals)]
+        [jnp.ones_like(v) if j == i else jnp.sqrt(v) if root else v for j, v in enumerate(vals)]
     )
 
 
@@ -330,7 +325,7 @@ def _cov_logpdf_bwd(res, g):
     eigvals, eigvecs, alpha, D = res
     cov_bars = []
     for i, (q, gi) in enumerate(zip(eigvecs, _logdet_grads(eigvals, D))):
-        b = _to_mode(alpha * _other_roots(eigvals, i), i)
+        b = _to_mode(alpha * _other_eigvals(eigvals, i, root=True), i)
         M = 0.5 * g * (_fence(b @ b.T) - jnp.diag(gi))
         cov_bars.append(_from_eigenbasis(q, M))
     sigma2_bar = 0.5 * g * (jnp.sum(alpha * alpha) - jnp.sum(1 / D))
@@ -646,10 +641,9 @@ def _cov_trace_bwd(res, g):
     sigma2_bar = 0.0
     for ms, ds in zip(rotated, diags, strict=True):
         bars = []
-        for i, q in enumerate(eigvecs):
+        for i, (q, c) in enumerate(zip(eigvecs, _contract_others(1 / D, ds))):
             rest = tuple(j for j in range(d) if j != i)
             others = _outer_tensor([jnp.ones_like(v) if j == i else v for j, v in enumerate(ds)])
-            c = jnp.sum(others / D, axis=rest)
             bars.append(_fence((q * (g * c)) @ q.T))
             H = jnp.tensordot(others * _other_eigvals(eigvals, i) / D, 1 / D, axes=(rest, rest))
             cov_bars[i] = cov_bars[i] - _from_eigenbasis(q, g * ms[i].T * _fence(H))
