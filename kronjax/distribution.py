@@ -6,12 +6,11 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.linalg import solve_triangular
 from numpyro.distributions import Distribution, constraints
 from numpyro.distributions.util import validate_sample
 from numpyro.util import not_jax_tracer
 
-from kronjax import linalg
+from kronjax import lapack, linalg
 from kronjax.marginal import KroneckerMarginal
 
 __all__ = ["KroneckerNormal"]
@@ -115,8 +114,8 @@ def _whiten_factor(k: jax.Array, c: jax.Array) -> jax.Array:
     r""":math:`C^{-1} K C^{-\top}` by two triangular solves, batched; symmetrized."""
 
     def whiten(k, c):
-        a = solve_triangular(c, k, lower=True)
-        a = solve_triangular(c, a.T, lower=True)
+        a = lapack.solve_triangular(c, k)
+        a = lapack.solve_triangular(c, a.T)
         return 0.5 * (a + a.T)
 
     return jnp.vectorize(whiten, signature="(n,n),(n,n)->(n,n)")(k, c)
@@ -125,13 +124,6 @@ def _whiten_factor(k: jax.Array, c: jax.Array) -> jax.Array:
 def _diag_root(a: jax.Array) -> jax.Array:
     r""":math:`\operatorname{diag}(\sqrt{a})` for a diagonal noise factor given as ``a``."""
     return jnp.sqrt(a)[..., None] * jnp.eye(a.shape[-1], dtype=a.dtype)
-
-
-def _ordered(indices, fn, args_of, after) -> dict:
-    """``{i: fn(*args_of(i)) for i in indices}``, the LAPACK calls one after another and after
-    the arrays in ``after`` (see ``linalg._one_after_another``)."""
-    outs = linalg._one_after_another(fn, [args_of(i) for i in indices], after=after)
-    return dict(zip(indices, outs, strict=True))
 
 
 def _batch_shape(loc, factors, sigma, factor_name: str, extra=()) -> tuple[int, ...]:
@@ -317,30 +309,24 @@ class KroneckerNormal(Distribution):
             self._eigvecs = tuple(q.astype(dtype) for q in eigvecs)
         self.noise_factors = self._noise_chols = None
         self._white_covs = self._white_vals = self._white_vecs = None
-        after = (factors, noise)  # LAPACK calls wait for the caller's arrays, then in turn
         if noise is not None:
-            self._init_noise(noise, noise_is_matrix, dtype, after)
-            after = self._white_vecs[-1]
+            self._init_noise(noise, noise_is_matrix, dtype)
         if self._eig_covs is not None:  # the one eigendecomposition per factor
-            self._init_eigh(noise, after)
+            self._init_eigh(noise)
         super().__init__(batch_shape, (n,), validate_args=validate_args)
 
-    def _init_eigh(self, noise, after) -> None:
-        """``eigh`` of every factor, ordered after ``after``. With noise factors only log_prob's
-        whitened decompositions are needed (this one serves sampling), so it comes after them
-        and ``jit`` drops it when unused; identity-noise axes reuse the whitened one."""
+    def _init_eigh(self, noise) -> None:
+        """``eigh`` of every factor (:func:`kronjax.lapack.eigh`). With noise factors only
+        log_prob's whitened decompositions are needed (this one serves sampling; ``jit``
+        drops it when unused); identity-noise axes reuse the whitened one."""
         own = [] if noise is None else [i for i, a in enumerate(noise) if a is None]
-        todo = [i for i in range(len(self._eig_covs)) if i not in own]
-        pairs = _ordered(
-            todo, jnp.linalg.eigh, lambda i: (jax.lax.stop_gradient(self._eig_covs[i]),), after
-        )
+        pairs = {i: lapack.eigh(k) for i, k in enumerate(self._eig_covs) if i not in own}
         pairs.update({i: (self._white_vals[i], self._white_vecs[i]) for i in own})
         self._eigvals = tuple(pairs[i][0] for i in range(len(pairs)))
         self._eigvecs = tuple(pairs[i][1] for i in range(len(pairs)))
 
-    def _init_noise(self, noise, is_matrix, dtype, after) -> None:
-        """Whiten every factor by its noise root, once, and decompose the whitened factors
-        (after ``after``, the arrays given)."""
+    def _init_noise(self, noise, is_matrix, dtype) -> None:
+        """Whiten every factor by its noise root, once, and decompose the whitened factors."""
         self.noise_factors = tuple(None if a is None else a.astype(dtype) for a in noise)
         if self.sigma is None:
             self.sigma = jnp.ones((), dtype)
@@ -349,15 +335,12 @@ class KroneckerNormal(Distribution):
         todo = [i for i, a in enumerate(self.noise_factors) if a is not None or vals is None]
 
         def decompose(k, a, matrix):
-            chol = jnp.linalg.cholesky(a) if matrix else None
+            chol = lapack.cholesky(a) if matrix else None
             if a is not None:
                 k = _whiten_factor(k, chol if matrix else _diag_root(a))
-            v, q = jnp.linalg.eigh(jax.lax.stop_gradient(k))
-            return chol, k, v, q
+            return (chol, k, *lapack.eigh(k))
 
-        done = _ordered(
-            todo, decompose, lambda i: (covs[i], self.noise_factors[i], is_matrix[i]), after
-        )
+        done = {i: decompose(covs[i], self.noise_factors[i], is_matrix[i]) for i in todo}
         self._noise_chols = tuple(done[i][0] if i in done else None for i in range(len(covs)))
         self._white_covs, self._white_vals, self._white_vecs = (
             tuple(done[i][j] if i in done else own[i] for i in range(len(covs)))

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax import linalg
+from kronjax import lapack, linalg
 from kronjax.distribution import KroneckerNormal
 from kronjax.linalg import (
     _from_eigenbasis,
@@ -212,7 +212,7 @@ def _eigen_parts(dist: KroneckerNormal):
             vals, vecs = jax.lax.stop_gradient((vals, vecs))
         return covs, vals, vecs
     covs = tuple(l @ jnp.swapaxes(l, -1, -2) for l in dist.chols)
-    pairs = linalg._one_after_another(jnp.linalg.eigh, [(jax.lax.stop_gradient(k),) for k in covs])
+    pairs = [lapack.eigh(k) for k in covs]
     return covs, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
 
 
@@ -345,14 +345,9 @@ def predict(
         # A = C (⊗K̃_i + σ²I) Cᵀ: whiten the residual by C⁻¹ and the cross-covariances by C⁻ᵀ
         roots = dist._noise_roots()
         r = linalg.kron_solve_triangular(roots, r)
-        solve = jnp.vectorize(
-            partial(jax.scipy.linalg.solve_triangular, lower=True), signature="(n,n),(n,m)->(n,m)"
-        )
         kstars = tuple(
-            jnp.swapaxes(k, -1, -2)
-            for k in linalg._one_after_another(
-                solve, [(c, jnp.swapaxes(k, -1, -2)) for c, k in zip(roots, kstars, strict=True)], r
-            )
+            jnp.swapaxes(lapack.solve_triangular(c, jnp.swapaxes(k, -1, -2)), -1, -2)
+            for c, k in zip(roots, kstars, strict=True)
         )
     alpha = linalg.kron_eig_solve(r, vals, vecs, sigma2, covs=covs)
     if grid:

@@ -18,9 +18,10 @@ from contextvars import ContextVar
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from kronjax import lapack
 
 __all__ = [
     "kron_matvec",
@@ -42,34 +43,6 @@ _LOG_2PI = math.log(2 * math.pi)
 # A grid split across devices: ``(mesh, axis name)`` while a function wrapped by
 # ``kronjax.sharding.split_grid`` is traced, else None. Read at trace time only.
 GRID_SPLIT: ContextVar[tuple[Mesh, str] | None] = ContextVar("kronjax_grid_split", default=None)
-
-
-def _one_after_another(fn, args_list, after=None) -> list:
-    r"""``[fn(*args) for args in args_list]``, each call made to wait for the one before.
-
-    For LAPACK calls (``eigh``, ``cholesky``, triangular solves) on independent factors.
-    jaxlib runs a batched LAPACK call on CPU by splitting the batch over XLA's intra-op
-    thread pool and blocking a pool thread until the pieces finish, while XLA runs
-    independent calls concurrently: as many concurrent batched calls as pool threads (two on
-    a 2-core machine) then wait on each other forever, e.g. under ``vmap`` over 256
-    hyperparameter settings. Adding :math:`0 \cdot \sum(\text{previous output})` to every
-    array argument orders the calls and changes no value; the first call waits for every
-    array in the pytree ``after`` (pass the caller's inputs, which the caller may itself have
-    computed with LAPACK). Under ``vmap`` an unbatched factor after a batched one is
-    decomposed once per batch member. Only on CPU: elsewhere the calls stay independent,
-    free to overlap (two factors' ``eigh`` on a GPU).
-    """
-    if jax.default_backend() != "cpu":
-        return [fn(*args) for args in args_list]
-    outs = []
-    for args in args_list:
-        leaves = jax.tree.leaves(jax.lax.stop_gradient(after))
-        if leaves:
-            zero = 0 * sum(jnp.sum(leaf) for leaf in leaves)
-            args = [a + zero.astype(a.dtype) if isinstance(a, jax.Array) else a for a in args]
-        outs.append(fn(*args))
-        after = jax.tree.leaves(outs[-1])[-1]
-    return outs
 
 
 def _fence(x: jax.Array) -> jax.Array:
@@ -215,7 +188,7 @@ def kron_solve_triangular(
 
     def solve_mode(lk, moved):  # moved: (n_k, other grid axes); one solve for every fibre
         flat = moved.reshape(moved.shape[0], -1)
-        return solve_triangular(lk, flat, lower=True, trans=int(trans)).reshape(moved.shape)
+        return lapack.solve_triangular(lk, flat, trans=trans).reshape(moved.shape)
 
     def solve(*args):
         *ls, v = args

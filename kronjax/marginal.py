@@ -20,9 +20,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.linalg import solve_triangular
 from numpyro.distributions import Distribution, constraints
 from numpyro.distributions.util import validate_sample
+
+from kronjax import lapack
 
 __all__ = ["KroneckerMarginal"]
 
@@ -69,9 +70,7 @@ def _observed_indices(observed, n: int) -> np.ndarray:
 
 
 def _tri_solve(chol, b):
-    return jnp.vectorize(
-        lambda l, v: solve_triangular(l, v, lower=True), signature="(m,m),(m)->(m)"
-    )(chol, b)
+    return lapack.solve_triangular(chol, b[..., None])[..., 0]
 
 
 class KroneckerMarginal(Distribution):
@@ -134,7 +133,7 @@ class KroneckerMarginal(Distribution):
         units = jnp.zeros((m, n), self.base.loc.dtype).at[np.arange(m), missing].set(1)
         cols = self.base._solve(units.reshape((m,) + (1,) * len(batch) + (n,)))
         b_mm = jnp.moveaxis(cols[..., missing], 0, -2)
-        return jnp.linalg.cholesky(0.5 * (b_mm + jnp.swapaxes(b_mm, -1, -2)))
+        return lapack.cholesky(0.5 * (b_mm + jnp.swapaxes(b_mm, -1, -2)))
 
     @property
     def batch_shape(self) -> tuple[int, ...]:

@@ -48,9 +48,13 @@ def batch_mesh(num_devices: int | None = None, axis: str = "batch") -> Mesh:
 def shard_batch(tree, mesh: Mesh, axis: str = "batch"):
     """Put every array of ``tree`` on ``mesh``, its leading (batch) axis split over ``axis``.
 
-    The batch size must be a multiple of ``mesh.shape[axis]``.
+    The batch size must be a multiple of ``mesh.shape[axis]``. The split is explicit (in
+    the arrays' types, ``AxisType.Explicit``), so kronjax's factor decompositions
+    (:mod:`kronjax.lapack`) loop over each device's own part with no communication; with
+    an ``Auto`` axis XLA would gather the factors onto every device first.
     """
-    return jax.device_put(tree, NamedSharding(mesh, P(axis)))
+    explicit = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * len(mesh.axis_names))
+    return jax.device_put(tree, NamedSharding(explicit, P(axis)))
 
 
 def shard_grid(x, sizes: Sequence[int], mesh: Mesh, axis: str = "grid") -> jax.Array:

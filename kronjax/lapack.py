@@ -1,0 +1,172 @@
+r"""The small dense decompositions under kronjax, safe to batch on a CPU.
+
+``eigh``, ``cholesky`` and ``solve_triangular`` of the factors are the only LAPACK calls
+kronjax makes. On a CPU, jaxlib runs a *batched* LAPACK call by splitting the batch over
+XLA's intra-op thread pool and blocking the calling pool thread until the pieces finish.
+When several such calls run at once — two distributions in one ``jax.vmap``, a KL term, a
+prediction, or several Python threads each running a vmapped program — every pool thread
+can end up blocked waiting for pieces that no free thread is left to run: the process
+stops using CPU and never returns (seen with jaxlib 0.10 in ``lapack_dsyevd_ffi`` →
+``ParallelBatchMap`` → ``BlockingCounter::Wait``). No XLA flag prevents it.
+
+The functions here never issue a batched LAPACK call on a CPU: each has a batching rule
+(``jax.custom_batching.custom_vmap``) that runs the batch as a loop (``lax.map``) of
+unbatched calls, and an unbatched call runs inline on the thread that makes it. So any
+number of them may run concurrently, by construction, whatever the user's flags. The
+cost is that one batch's decompositions no longer spread over the cores; the matrix
+products around them still do (measured in ``bench/VMAP.md``). Elsewhere (GPU, TPU) the
+batched calls are kept. Reverse-mode derivatives come from custom VJPs built from the same
+safe calls; ``eigh`` is never differentiated (kronjax treats eigenvectors as constants).
+
+Calling ``jnp.linalg.eigh`` / ``cholesky`` on batches in your own code under ``vmap`` can
+still hit the jaxlib bug; use these functions there too.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
+from jax.scipy.linalg import solve_triangular as _jax_solve_triangular
+from jax.sharding import PartitionSpec as P
+
+__all__ = ["eigh", "cholesky", "solve_triangular"]
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def _batch_split(args, in_batched):
+    """``(mesh, axis name)`` when the batched arguments are split over devices along their
+    leading axis by an explicit sharding, else None."""
+    for a, b in zip(args, in_batched, strict=True):
+        sharding = getattr(jax.typeof(a), "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        if b and spec and spec[0] is not None:
+            return sharding.mesh, spec[0]
+    return None
+
+
+def _looped(fn):
+    """``fn`` on unbatched arrays, whose ``vmap`` is a ``lax.map`` loop of ``fn`` itself.
+
+    The loop body calls the wrapped function again, so nested ``vmap`` s loop too. A batch
+    split over devices (explicit sharding) loops over each device's own part.
+    """
+    wrapped = custom_vmap(fn)
+
+    @wrapped.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        def loop(*args):
+            def one(xs):
+                it = iter(xs)
+                return wrapped(*(next(it) if b else a for a, b in zip(args, in_batched)))
+
+            return jax.lax.map(one, tuple(a for a, b in zip(args, in_batched) if b))
+
+        split = _batch_split(args, in_batched)
+        if split is not None:
+            mesh, name = split
+            specs = tuple(P(name) if b else P() for b in in_batched)
+            loop = jax.shard_map(loop, mesh=mesh, in_specs=specs, out_specs=P(name))
+        out = loop(*args)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return wrapped
+
+
+_eigh_looped = _looped(lambda a: tuple(jnp.linalg.eigh(a)))
+_cholesky_looped = _looped(jnp.linalg.cholesky)
+
+
+def _trsm(trans: int):
+    return lambda l, b: _jax_solve_triangular(l, b, lower=True, trans=trans)
+
+
+_trsm_looped = {trans: _looped(_trsm(trans)) for trans in (0, 1)}
+
+
+def _vectorized(fn, signature: str):
+    return jnp.vectorize(fn, signature=signature)
+
+
+def eigh(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    r"""Eigenvalues (ascending) and eigenvectors of symmetric ``a`` ``(..., n, n)``.
+
+    :math:`a = Q \operatorname{diag}(\lambda) Q^\top`. Not differentiated: the input's
+    gradient is stopped (kronjax's custom VJPs carry the factors' gradients instead).
+    Cost :math:`O(n^3)` per matrix.
+    """
+    a = jax.lax.stop_gradient(jnp.asarray(a))
+    if not _on_cpu():
+        return tuple(jnp.linalg.eigh(a))
+    return _vectorized(_eigh_looped, "(n,n)->(n),(n,n)")(a)
+
+
+@jax.custom_vjp
+def _cholesky(a):
+    return _vectorized(_cholesky_looped, "(n,n)->(n,n)")(a)
+
+
+def _cholesky_fwd(a):
+    l = _cholesky(a)
+    return l, l
+
+
+def _cholesky_bwd(l, l_bar):
+    r""":math:`\bar A = \tfrac12 (S + S^\top)`, :math:`S = L^{-\top} \Phi(L^\top \bar L) L^{-1}`,
+    :math:`\Phi`: the lower triangle with the diagonal halved (Murray 2016)."""
+    phi = jnp.tril(jnp.swapaxes(l, -1, -2) @ l_bar)
+    phi = phi - 0.5 * jnp.eye(l.shape[-1], dtype=l.dtype) * phi
+    s = solve_triangular(l, phi, trans=True)  # L⁻ᵀ Φ
+    s = solve_triangular(l, jnp.swapaxes(s, -1, -2), trans=True)  # L⁻ᵀ (L⁻ᵀ Φ)ᵀ = (L⁻ᵀ Φ L⁻¹)ᵀ
+    return (0.5 * (s + jnp.swapaxes(s, -1, -2)),)
+
+
+_cholesky.defvjp(_cholesky_fwd, _cholesky_bwd)
+
+
+def cholesky(a: jax.Array) -> jax.Array:
+    r"""Lower-triangular :math:`L` with :math:`L L^\top = a` for symmetric positive definite
+    ``a`` ``(..., n, n)`` (NaN where ``a`` is not). Reverse-mode differentiable (the gradient
+    is symmetric, as ``jnp.linalg.cholesky``'s). Cost :math:`O(n^3)`."""
+    a = jnp.asarray(a)
+    if not _on_cpu():
+        return jnp.linalg.cholesky(a)
+    return _cholesky(a)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _solve(l, b, trans: int):
+    return _vectorized(_trsm_looped[trans], "(n,n),(n,m)->(n,m)")(l, b)
+
+
+def _solve_fwd(l, b, trans):
+    x = _solve(l, b, trans)
+    return x, (l, x)
+
+
+def _solve_bwd(trans, res, x_bar):
+    r"""For :math:`X = L^{-1} B`: :math:`\bar B = L^{-\top} \bar X`,
+    :math:`\bar L = -\operatorname{tril}(\bar B X^\top)`; for :math:`X = L^{-\top} B`:
+    :math:`\bar B = L^{-1} \bar X`, :math:`\bar L = -\operatorname{tril}(X \bar B^\top)`."""
+    l, x = res
+    b_bar = _solve(l, x_bar, 1 - trans)
+    first, second = (b_bar, x) if trans == 0 else (x, b_bar)
+    return -jnp.tril(first @ jnp.swapaxes(second, -1, -2)), b_bar
+
+
+_solve.defvjp(_solve_fwd, _solve_bwd)
+
+
+def solve_triangular(l: jax.Array, b: jax.Array, *, trans: bool = False) -> jax.Array:
+    r"""Solve :math:`L X = B` (or :math:`L^\top X = B` with ``trans``) for lower-triangular
+    ``l`` ``(..., n, n)`` and ``b`` ``(..., n, m)``; leading dims broadcast.
+    Only the lower triangle of ``l`` is read. Reverse-mode differentiable in both.
+    Cost :math:`O(n^2 m)`."""
+    l, b = jnp.asarray(l), jnp.asarray(b)
+    if not _on_cpu():
+        solve = partial(_jax_solve_triangular, lower=True, trans=int(trans))
+        return _vectorized(solve, "(n,n),(n,m)->(n,m)")(l, b)
+    return _solve(l, b, int(trans))
