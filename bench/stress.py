@@ -83,7 +83,11 @@ def run_once(name: str, batch: int, timeout: float) -> str:
     try:
         done = subprocess.run(
             [sys.executable, "-c", script(name, batch)],
-            cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
         )
     except subprocess.TimeoutExpired:
         return "hang"
@@ -111,8 +115,12 @@ def main() -> None:
                 errors.append(result)
         mean_s = (time.perf_counter() - start) / args.runs
         rows.append((name, counts, mean_s, errors[:1]))
-        print(f"{name:24s} ok {counts['ok']:3d}  hang {counts['hang']:3d}  "
-              f"fail {counts['fail']:3d}  {mean_s:6.1f} s/run", *errors[:1], flush=True)
+        print(
+            f"{name:24s} ok {counts['ok']:3d}  hang {counts['hang']:3d}  "
+            f"fail {counts['fail']:3d}  {mean_s:6.1f} s/run",
+            *errors[:1],
+            flush=True,
+        )
     import jax
 
     lines = [

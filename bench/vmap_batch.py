@@ -7,9 +7,9 @@ its gradient: one ``jit(vmap(value_and_grad))`` call against B calls of the jitt
 single-setting function. Float64, median of 5 after a warm-up, compile time apart.
 
 Each B runs in its own subprocess with a time limit and up to three tries, so that a hang
-is recorded rather than stalling the run. (Before kronjax ordered its LAPACK calls, two
-concurrent batched ``eigh`` calls deadlocked XLA's CPU thread pool here at B >= 256; see
-``kronjax.linalg._one_after_another`` and README "A CPU hang to know about".)
+is recorded rather than stalling the run. (Concurrent batched ``eigh`` calls deadlocked
+XLA's CPU thread pool here at B >= 256 until kronjax's decompositions stopped issuing
+batched LAPACK calls; see ``kronjax.lapack`` and README "No hangs on a CPU".)
 """
 
 import datetime

@@ -10,7 +10,7 @@ from numpyro.distributions import Distribution, constraints
 from numpyro.distributions.util import validate_sample
 from numpyro.util import not_jax_tracer
 
-from kronjax import lapack, linalg
+from kronjax import conditioning, lapack, linalg
 from kronjax.marginal import KroneckerMarginal
 
 __all__ = ["KroneckerNormal"]
@@ -22,21 +22,25 @@ def _shape_error(arg: str, seen, expected: str) -> ValueError:
     return ValueError(f"KroneckerNormal: {arg} has shape {tuple(seen)}; expected {expected}")
 
 
-def _check_square(name: str, factors) -> tuple[jax.Array, ...]:
-    if isinstance(factors, jax.Array | np.ndarray) or not isinstance(factors, Sequence):
-        raise ValueError(
-            f"KroneckerNormal: {name} must be a sequence (list or tuple) of d >= 1 "
-            f"matrices of shape (..., n_i, n_i); got {type(factors).__name__}"
+def _as_real(arg: str, x) -> jax.Array:
+    """``x`` as an array of a real dtype kronjax computes in; TypeError naming ``arg`` else."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        raise TypeError(f"KroneckerNormal: {arg} has complex dtype {x.dtype}; expected real")
+    if x.dtype in (jnp.float16, jnp.bfloat16):
+        raise TypeError(
+            f"KroneckerNormal: {arg} has dtype {x.dtype}, which LAPACK's eigh and Cholesky do "
+            "not support; use float32 or float64"
         )
-    if len(factors) == 0:
-        raise ValueError(f"KroneckerNormal: {name} is empty; expected d >= 1 factors")
-    out = []
-    for i, f in enumerate(factors):
-        f = jnp.asarray(f)
-        if f.ndim < 2 or f.shape[-1] != f.shape[-2]:
-            raise _shape_error(f"{name}[{i}]", f.shape, "a square matrix (..., n, n)")
-        out.append(f)
-    return tuple(out)
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+        raise TypeError(f"KroneckerNormal: {arg} has dtype {x.dtype}; expected a real number")
+    return x
+
+
+def _check_square(name: str, factors) -> tuple[jax.Array, ...]:
+    return tuple(
+        linalg.check_factors("KroneckerNormal", name, factors, square=True, convert=_as_real)
+    )
 
 
 def _check_evds(evds) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
@@ -53,9 +57,12 @@ def _check_evds(evds) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
                 f"eigenvectors (..., n, n)); got {type(pair).__name__}"
                 + (f" of length {len(pair)}" if isinstance(pair, Sequence) else "")
             )
-        v, q = jnp.asarray(pair[0]), jnp.asarray(pair[1])
-        if q.ndim < 2 or q.shape[-1] != q.shape[-2]:
-            raise _shape_error(f"evds[{i}] eigenvectors", q.shape, "(..., n, n)")
+        v, q = (
+            _as_real(f"evds[{i}] eigenvalues", pair[0]),
+            _as_real(f"evds[{i}] eigenvectors", pair[1]),
+        )
+        if q.ndim < 2 or q.shape[-1] != q.shape[-2] or q.shape[-1] == 0:
+            raise _shape_error(f"evds[{i}] eigenvectors", q.shape, "(..., n, n), n >= 1")
         if v.ndim < 1 or v.shape[-1] != q.shape[-1]:
             raise _shape_error(
                 f"evds[{i}] eigenvalues",
@@ -87,7 +94,7 @@ def _check_noise(noise_factors, sizes) -> tuple[tuple, tuple[bool, ...]]:
         )
     out, is_matrix = [], []
     for i, (s, n) in enumerate(zip(noise_factors, sizes, strict=True)):
-        s = None if s is None else jnp.asarray(s)
+        s = None if s is None else _as_real(f"noise_factors[{i}]", s)
         matrix = s is not None and s.ndim >= 2 and s.shape[-2:] == (n, n)
         if s is not None and not matrix and (s.ndim == 0 or s.shape[-1] != n):
             raise _shape_error(
@@ -187,7 +194,10 @@ class KroneckerNormal(Distribution):
             :math:`\sigma = 1` when ``sigma`` is None. An entry whose trailing dims are
             ``(n_i, n_i)`` is read as a matrix.
         validate_args: check values (finite, ``sigma >= 0``, factors symmetric PSD, PD
-            without noise) at construction, outside ``jit``.
+            without noise, ``evds`` eigenvectors orthonormal) at construction, outside
+            ``jit``. Given explicitly as True, ``log_prob`` and the solves also refuse a
+            covariance too ill-conditioned for the dtype (:mod:`kronjax.conditioning`);
+            otherwise they warn once.
 
     Exactly one of ``covs``, ``chols``, ``evds`` is given. ``batch_shape`` broadcasts
     ``loc.shape[:-1]``, the factors' leading dims, ``jnp.shape(sigma)`` and the leading
@@ -229,6 +239,7 @@ class KroneckerNormal(Distribution):
     }
     support = constraints.real_vector
     reparametrized_params = ["loc", "covs", "chols", "evds", "sigma", "noise_factors"]
+    pytree_aux_fields = ("_strict",)
     pytree_data_fields = (
         "loc",
         "covs",
@@ -269,14 +280,14 @@ class KroneckerNormal(Distribution):
         sizes = tuple(f.shape[-1] for f in factors)
         n = math.prod(sizes)
 
-        loc = jnp.asarray(loc)
+        loc = _as_real("loc", loc)
         if loc.ndim == 0:
             loc = jnp.broadcast_to(loc, (n,))
         if loc.shape[-1] != n:
             raise _shape_error(
                 "loc", loc.shape, f"(..., {n}): N = {n} is the product of the factor sizes {sizes}"
             )
-        sigma = None if sigma is None else jnp.asarray(sigma)
+        sigma = None if sigma is None else _as_real("sigma", sigma)
         noise, noise_is_matrix = (
             (None, None) if noise_factors is None else _check_noise(noise_factors, sizes)
         )
@@ -313,6 +324,7 @@ class KroneckerNormal(Distribution):
             self._init_noise(noise, noise_is_matrix, dtype)
         if self._eig_covs is not None:  # the one eigendecomposition per factor
             self._init_eigh(noise)
+        self._strict = validate_args is True  # an explicit request refuses ill-conditioning
         super().__init__(batch_shape, (n,), validate_args=validate_args)
 
     def _init_eigh(self, noise) -> None:
@@ -375,7 +387,7 @@ class KroneckerNormal(Distribution):
         return jnp.broadcast_shapes(*shapes)
 
     def _check_value(self, value) -> jax.Array:
-        value = jnp.asarray(value)
+        value = _as_real("value", value)
         n = self.event_shape[0]
         if value.ndim == 0 or value.shape[-1] != n:
             raise ValueError(
@@ -437,6 +449,35 @@ class KroneckerNormal(Distribution):
 
     # -- structured solves, used by the marginal and the KL divergence ------------------
 
+    def condition_number(self) -> jax.Array:
+        r"""The condition number :math:`\kappa` of the covariance, batched.
+
+        Exact on the eigen routes (:func:`kronjax.conditioning.eig_condition`, of
+        :math:`\otimes_i \tilde K_i + \sigma^2 I` after whitening by the noise factors);
+        for noise-free ``chols`` the estimate
+        :math:`\prod_i (\max|\operatorname{diag} L_i| / \min|\operatorname{diag} L_i|)^2`.
+        ``log_prob``, the solves, the marginal and prediction check it against the dtype
+        (see :mod:`kronjax.conditioning`). Cost :math:`O(\sum_i n_i)`.
+        """
+        if self._eigvals is None and self.noise_factors is None:
+            ratios = []
+            for l in self.chols:
+                diag = jnp.abs(jnp.diagonal(l, axis1=-2, axis2=-1))
+                ratios.append(jnp.square(jnp.max(diag, -1) / jnp.min(diag, -1)))
+            return math.prod(ratios)
+        vals = self._white_vals if self.noise_factors is not None else self._eigvals
+        return conditioning.eig_condition(vals, self._sigma2())
+
+    def check_conditioning(self, where: str) -> None:
+        """Refuse (``validate_args=True`` given) or warn once when :meth:`condition_number`
+        passes the dtype's limit; ``where`` names the operation in the message."""
+        conditioning.check(
+            self.condition_number(),
+            self.loc.dtype,
+            f"KroneckerNormal.{where}",
+            strict=self._strict,
+        )
+
     def _logdet(self) -> jax.Array:
         r""":math:`\log\det K`, differentiable through the custom rules of the core."""
         if self.noise_factors is not None:
@@ -458,6 +499,7 @@ class KroneckerNormal(Distribution):
         :math:`C^{-\top}(\otimes\tilde K_i + \sigma^2 I)^{-1} C^{-1} x`; noise-free Cholesky
         factors by two per-mode triangular solves.
         """
+        self.check_conditioning("solve")
         if self.noise_factors is not None:
             roots = self._noise_roots()
             w = linalg.kron_solve_triangular(roots, x)
@@ -508,9 +550,13 @@ class KroneckerNormal(Distribution):
         """
         return KroneckerMarginal(self, observed, validate_args=self._validate_args)
 
-    @validate_sample
     def log_prob(self, value) -> jax.Array:
-        r = self._check_value(value) - self.loc
+        return self._log_prob(self._check_value(value))
+
+    @validate_sample
+    def _log_prob(self, value) -> jax.Array:
+        self.check_conditioning("log_prob")
+        r = value - self.loc
         if self.noise_factors is not None:  # whiten, then the eigen core (Rakitsch et al.)
             w = linalg.kron_solve_triangular(self._noise_roots(), r)
             core = linalg.kron_eig_logpdf(
@@ -650,6 +696,15 @@ class KroneckerNormal(Distribution):
                         "singular; without sigma every factor must be positive definite"
                     )
                 continue
+            if self.covs is None:  # evds: the eigenvectors must be orthonormal
+                n_i = f.shape[-1]
+                gram = jnp.swapaxes(f, -1, -2) @ f - jnp.eye(n_i, dtype=f.dtype)
+                off = float(jnp.max(jnp.abs(gram)))
+                if off > 100 * n_i * float(jnp.finfo(f.dtype).eps):
+                    raise ValueError(
+                        f"KroneckerNormal: {arg} eigenvectors are not orthonormal "
+                        f"(max |QᵀQ - I| = {off:.3g})"
+                    )
             vals = self._eigvals[i]
             tol = _tol(vals, vals.shape[-1])
             smallest = float(jnp.min(vals))

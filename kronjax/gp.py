@@ -327,12 +327,19 @@ def predict(
         grid: whether the test set is the grid of the ``cross_covs`` rows (True) or the
             ``p`` points given row by row (False).
 
+    The condition number :math:`\kappa` of the training covariance is checked against the
+    dtype (:mod:`kronjax.conditioning`: a warning, or ``ValueError`` for a ``dist`` built
+    with ``validate_args=True``), and negative variances within the round-off
+    :math:`4\kappa\epsilon \cdot \operatorname{diag} K_{**}` are set to 0, so a
+    consistent ``cross_covs``/``test_diags`` pair never gives a negative variance.
+
     Returns:
         ``(mean, var)``, each ``(..., M)`` (grid, in the flattening order) or
         ``(..., p)`` (points), with the same leading dims (``var`` does not depend on
         ``y`` but is broadcast to its batch dims); ``var`` is None without ``test_diags``.
     """
     y, kstars, diags = _check_inputs(dist, y, cross_covs, test_diags, grid)
+    dist.check_conditioning("predict")
     covs, vals, vecs = _eigen_parts(dist)
     sigma2 = jnp.zeros((), dist.loc.dtype) if dist.sigma is None else jnp.square(dist.sigma)
     r = y - dist.loc
@@ -377,6 +384,9 @@ def predict(
     )
     prior = linalg.kron_outer(diags) if grid else math.prod(diags)
     var = prior - red
+    # Round-off of the reduction is about κε·prior: clip negatives of that size to 0
+    slack = 4 * float(jnp.finfo(var.dtype).eps) * dist.condition_number()[..., None] * prior
+    var = jnp.where((var < 0) & (var >= -slack), 0, var)
     if pred_noise:
         var = var + sigma2[..., None]
     shape = jnp.broadcast_shapes(mean.shape, var.shape)

@@ -18,6 +18,7 @@ from contextvars import ContextVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -35,6 +36,7 @@ __all__ = [
     "kron_eig_sqrt_matvec",
     "kron_eig_trace_inv",
     "psd_sqrt",
+    "check_factors",
 ]
 
 _GRID = "abcdefghijklmnopqrstuvwxy"  # einsum letters of the grid axes; "z" is the new one
@@ -108,6 +110,61 @@ def _mode_product(t: jax.Array, a: jax.Array, k: int, d: int) -> jax.Array:
     return _split_along(out, 0, d)
 
 
+def check_factors(
+    fn: str, name: str, factors, *, square: bool, ndim: int = 2, convert=None
+) -> list:
+    """``factors`` as arrays (each through ``convert(f"{name}[i]", a)`` when given, else
+    ``jnp.asarray``): a non-empty sequence of ``(..., n_i, n_i)`` (``square``),
+    ``(..., p_i, q_i)`` or, with ``ndim=1``, ``(..., n_i)``, sizes >= 1. Raises ValueError
+    naming ``fn``, the entry and its shape."""
+    want = "(..., n)" if ndim == 1 else "a square matrix (..., n, n)" if square else "(..., p, q)"
+    if isinstance(factors, jax.Array | np.ndarray) or not isinstance(factors, Sequence):
+        raise ValueError(
+            f"{fn}: {name} must be a sequence (list or tuple) of d >= 1 arrays {want}; got "
+            f"{type(factors).__name__}"
+        )
+    if len(factors) == 0:
+        raise ValueError(f"{fn}: {name} is empty; expected d >= 1 arrays {want}")
+    out = []
+    for i, a in enumerate(factors):
+        a = jnp.asarray(a) if convert is None else convert(f"{name}[{i}]", a)
+        core = a.shape[a.ndim - ndim :] if a.ndim >= ndim else ()
+        if a.ndim < ndim or 0 in core or (square and core[0] != core[1]):
+            raise ValueError(f"{fn}: {name}[{i}] has shape {a.shape}; expected {want}, sizes >= 1")
+        out.append(a)
+    return out
+
+
+def _check_eig(fn: str, eigvals, eigvecs, covs=None) -> None:
+    """Matching eigenvalue vectors ``(..., n_i)``, eigenvector matrices and optional ``covs``."""
+    vals = check_factors(fn, "eigvals", eigvals, square=False, ndim=1)
+    vecs = check_factors(fn, "eigvecs", eigvecs, square=True)
+    pairs = [("eigvecs", vecs)] + ([] if covs is None else [("covs", covs)])
+    for name, mats in pairs:
+        mats = check_factors(fn, name, mats, square=True)
+        if len(mats) != len(vals):
+            raise ValueError(
+                f"{fn}: {name} has {len(mats)} entries and eigvals {len(vals)}; expected one "
+                "per factor"
+            )
+        for i, (v, m) in enumerate(zip(vals, mats, strict=True)):
+            if m.shape[-1] != v.shape[-1]:
+                raise ValueError(
+                    f"{fn}: {name}[{i}] has shape {m.shape}; expected (..., {v.shape[-1]}, "
+                    f"{v.shape[-1]}) to match eigvals[{i}] of shape {v.shape}"
+                )
+
+
+def _check_grid_vector(fn: str, name: str, x, sizes) -> jax.Array:
+    x = jnp.asarray(x)
+    if x.ndim == 0 or x.shape[-1] != math.prod(sizes):
+        raise ValueError(
+            f"{fn}: {name} has shape {x.shape}; expected (..., {math.prod(sizes)}), the "
+            f"product of the factor sizes {tuple(sizes)}"
+        )
+    return x
+
+
 def kron_matvec(factors: Sequence[jax.Array], x: jax.Array) -> jax.Array:
     r"""Compute :math:`(A_1 \otimes \dots \otimes A_d)\, x` by one mode product per factor.
 
@@ -124,14 +181,9 @@ def kron_matvec(factors: Sequence[jax.Array], x: jax.Array) -> jax.Array:
         Shape ``(..., p_1 * ... * p_d)``. Cost
         :math:`O(\sum_i p_i \prod_{j \le i} p_j \prod_{j \ge i} q_j)`, memory :math:`O(N)`.
     """
-    factors = [jnp.asarray(a) for a in factors]
+    factors = check_factors("kron_matvec", "factors", factors, square=False)
     q = tuple(a.shape[-1] for a in factors)
-    x = jnp.asarray(x)
-    if x.ndim == 0 or x.shape[-1] != math.prod(q):
-        raise ValueError(
-            f"kron_matvec: x has shape {x.shape}; expected (..., {math.prod(q)}), the "
-            f"product of the factors' column counts {q}"
-        )
+    x = _check_grid_vector("kron_matvec", "x", x, q)
     d = len(factors)
     t = x.reshape(x.shape[:-1] + q)
     for k, a in enumerate(factors):
@@ -141,9 +193,9 @@ def kron_matvec(factors: Sequence[jax.Array], x: jax.Array) -> jax.Array:
 
 def kron_outer(vectors: Sequence[jax.Array]) -> jax.Array:
     r"""Flattened outer product :math:`v_1 \otimes \dots \otimes v_d` of vectors ``(..., n_i)``."""
-    out = jnp.asarray(vectors[0])
+    vectors = check_factors("kron_outer", "vectors", vectors, square=False, ndim=1)
+    out = vectors[0]
     for v in vectors[1:]:
-        v = jnp.asarray(v)
         out = out[..., :, None] * v[..., None, :]
         out = out.reshape(out.shape[:-2] + (-1,))
     return out
@@ -151,14 +203,15 @@ def kron_outer(vectors: Sequence[jax.Array]) -> jax.Array:
 
 def kron_diag(factors: Sequence[jax.Array]) -> jax.Array:
     r"""Diagonal of :math:`A_1 \otimes \dots \otimes A_d`: the outer product of the diagonals."""
-    return kron_outer([jnp.diagonal(jnp.asarray(a), axis1=-2, axis2=-1) for a in factors])
+    factors = check_factors("kron_diag", "factors", factors, square=True)
+    return kron_outer([jnp.diagonal(a, axis1=-2, axis2=-1) for a in factors])
 
 
 def kron_dense(factors: Sequence[jax.Array]) -> jax.Array:
     """The dense product ``A_1 ⊗ … ⊗ A_d``, batched. For tests and small N only."""
-    out = jnp.asarray(factors[0])
+    factors = check_factors("kron_dense", "factors", factors, square=False)
+    out = factors[0]
     for b in factors[1:]:
-        b = jnp.asarray(b)
         out = jnp.einsum("...pq,...rs->...prqs", out, b)
         out = out.reshape(out.shape[:-4] + (out.shape[-4] * out.shape[-3], -1))
     return out
@@ -182,8 +235,9 @@ def kron_solve_triangular(
     ``trans=True`` solves :math:`(L_1 \otimes \dots \otimes L_d)^\top z = x` instead. Cost
     :math:`O(N \sum_i n_i)`.
     """
-    sizes = tuple(jnp.shape(c)[-1] for c in chols)
-
+    chols = check_factors("kron_solve_triangular", "chols", chols, square=True)
+    sizes = tuple(c.shape[-1] for c in chols)
+    x = _check_grid_vector("kron_solve_triangular", "x", x, sizes)
     d = len(sizes)
 
     def solve_mode(lk, moved):  # moved: (n_k, other grid axes); one solve for every fibre
@@ -344,12 +398,16 @@ def _eig_args(eigvals, eigvecs, covs):
 
 
 def _eig_vectorized(fn_eig, fn_cov, eigvals, eigvecs, sigma2, covs, x=None, out="(N)"):
-    """Vectorize a per-example eigen function over leading dims.
+    """Vectorize a per-example eigen function over leading dims, after checking the inputs.
 
     ``fn_eig(eigvals, eigvecs, sigma2[, x])`` differentiates plainly; with ``covs``,
     ``fn_cov(covs, eigvals, eigvecs, sigma2[, x])`` (a custom VJP) runs on the
     stop-gradient eigendecomposition. ``x`` is ``(..., N)``; ``out`` the core output shape.
     """
+    name = "kron_eig_" + fn_eig.__name__.removeprefix("_eig_")
+    _check_eig(name, eigvals, eigvecs, covs)
+    if x is not None:
+        x = _check_grid_vector(name, "the grid vector", x, [jnp.shape(v)[-1] for v in eigvals])
     d = len(eigvals)
     vals, vecs = _eig_args(eigvals, eigvecs, covs)
     xs = () if x is None else (x,)
@@ -659,8 +717,16 @@ def kron_eig_trace_inv(
         terms: a sequence of terms, each a sequence of d matrices ``(..., n_i, n_i)``.
         eigvals, eigvecs, sigma2, covs: :math:`A`, as in :func:`kron_eig_solve`.
     """
+    _check_eig("kron_eig_trace_inv", eigvals, eigvecs, covs)
     sizes = tuple(jnp.shape(v)[-1] for v in eigvals)
     d, nt = len(sizes), len(terms)
+    for t, term in enumerate(terms):
+        term = check_factors("kron_eig_trace_inv", f"terms[{t}]", term, square=True)
+        if tuple(p.shape[-1] for p in term) != sizes:
+            raise ValueError(
+                f"kron_eig_trace_inv: terms[{t}] has factor sizes "
+                f"{tuple(p.shape[-1] for p in term)}; expected {sizes}"
+            )
     vals, vecs = _eig_args(eigvals, eigvecs, covs)
     flat = [p for term in terms for p in term]
 

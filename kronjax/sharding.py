@@ -53,7 +53,8 @@ def shard_batch(tree, mesh: Mesh, axis: str = "batch"):
     (:mod:`kronjax.lapack`) loop over each device's own part with no communication; with
     an ``Auto`` axis XLA would gather the factors onto every device first.
     """
-    explicit = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * len(mesh.axis_names))
+    names = mesh.axis_names
+    explicit = Mesh(mesh.devices, names, axis_types=(AxisType.Explicit,) * len(names))
     return jax.device_put(tree, NamedSharding(explicit, P(axis)))
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import DTYPE
 
-from kronjax import KroneckerNormal
+from kronjax import KroneckerNormal, linalg
 
 pytestmark = pytest.mark.core
 
@@ -93,3 +93,91 @@ def test_psd_factor_is_fine_with_noise():
     assert bool(
         jnp.isfinite(KroneckerNormal(0.0, covs=[K3], sigma=0.0, validate_args=True).entropy())
     )
+
+
+# -- inputs that used to get through (dtype, size 0, evds, overflow, culprit naming) -----
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(covs=[K3.astype(jnp.complex64)]), TypeError, "covs[0] has complex dtype"),
+        (dict(covs=[K3], sigma=jnp.asarray(0.1 + 0j)), TypeError, "sigma has complex dtype"),
+        (dict(covs=[K3, K4.astype(jnp.float16)]), TypeError, "covs[1] has dtype float16"),
+        (dict(covs=[K3.astype(jnp.bfloat16)]), TypeError, "covs[0] has dtype bfloat16"),
+        (dict(covs=[K3, jnp.zeros((0, 0))]), ValueError, "covs[1] has shape (0, 0)"),
+        (dict(evds=[(jnp.ones(0), jnp.zeros((0, 0)))]), ValueError, "evds[0] eigenvectors has"),
+        (
+            dict(evds=[(jnp.ones(3, DTYPE), 2 * jnp.eye(3, dtype=DTYPE))], validate_args=True),
+            ValueError,
+            "evds[0] eigenvectors are not orthonormal",
+        ),
+        (
+            dict(covs=[K3, K4.at[1, 1].set(jnp.inf)], sigma=0.1, validate_args=True),
+            ValueError,
+            "covs[1] has non-finite entries",
+        ),
+    ],
+)
+def test_inputs_refused_by_name(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        KroneckerNormal(0.0, **kwargs)
+
+
+def test_complex_value_refused():
+    with pytest.raises(TypeError, match=re.escape("value has complex dtype")):
+        KroneckerNormal(0.0, covs=[K3]).log_prob(jnp.ones(3, jnp.complex64))
+
+
+def test_huge_valid_float32_factor_is_finite():
+    """1e37·I is valid in float32; nothing may overflow it on the way (log det 3·log 1e37)."""
+    big = jnp.float32(1e37) * jnp.eye(3, dtype=jnp.float32)
+    d = KroneckerNormal(0.0, covs=[big, jnp.eye(2, dtype=jnp.float32)], validate_args=True)
+    value = d.log_prob(jnp.ones(6, jnp.float32))
+    want = -0.5 * (2 * 3 * np.log(1e37) + 6e-37 + 6 * np.log(2 * np.pi))
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+
+
+def test_lists_are_accepted_like_numpy():
+    d = KroneckerNormal([0.0] * 12, covs=[K3.tolist(), K4.tolist()], sigma=0.1)
+    want = KroneckerNormal(jnp.zeros(12), covs=[K3, K4], sigma=0.1).log_prob(jnp.ones(12))
+    np.testing.assert_allclose(d.log_prob([1.0] * 12), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: linalg.kron_matvec([], jnp.ones(3)), "kron_matvec: factors is empty"),
+        (lambda: linalg.kron_matvec([jnp.ones(3)], jnp.ones(3)), "factors[0] has shape (3,)"),
+        (lambda: linalg.kron_diag([K3, jnp.ones((2, 3))]), "kron_diag: factors[1] has shape"),
+        (lambda: linalg.kron_dense(K3), "kron_dense: factors must be a sequence"),
+        (lambda: linalg.kron_outer([]), "kron_outer: vectors is empty"),
+        (
+            lambda: linalg.kron_solve_triangular([K3, jnp.ones((4, 3))], jnp.ones(12)),
+            "kron_solve_triangular: chols[1] has shape (4, 3)",
+        ),
+        (
+            lambda: linalg.kron_solve_triangular([K3], jnp.ones(4)),
+            "kron_solve_triangular: x has shape (4,); expected (..., 3)",
+        ),
+        (
+            lambda: linalg.kron_eig_logpdf(jnp.ones(12), [jnp.ones(3)], [K3, K4], 0.1),
+            "kron_eig_logpdf: eigvecs has 2 entries and eigvals 1",
+        ),
+        (
+            lambda: linalg.kron_eig_solve(jnp.ones(12), [jnp.ones(3), jnp.ones(4)], [K3, K3], 0.1),
+            "kron_eig_solve: eigvecs[1] has shape (3, 3); expected (..., 4, 4)",
+        ),
+        (
+            lambda: linalg.kron_eig_logdet([jnp.ones(3)], [K3], 0.1, covs=[K4]),
+            "kron_eig_logdet: covs[0] has shape (4, 4); expected (..., 3, 3)",
+        ),
+        (
+            lambda: linalg.kron_eig_trace_inv([[K4]], [jnp.ones(3)], [K3], 0.1),
+            "kron_eig_trace_inv: terms[0] has factor sizes (4,); expected (3,)",
+        ),
+    ],
+)
+def test_linalg_checks_its_inputs(call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()

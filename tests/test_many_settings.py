@@ -2,9 +2,10 @@
 
 On CPU jaxlib splits a large batched LAPACK call (``eigh``, ``cholesky``, triangular solve)
 over XLA's intra-op thread pool and blocks a pool thread until it is done; two such calls
-running at once on a 2-core machine wait on each other forever. The constructor and
-``predict`` decompose their factors one after another; this runs each route in a fresh
-process under a timeout, so a hang fails the test instead of stalling the suite.
+running at once on a 2-core machine wait on each other forever. kronjax's decompositions
+(``kronjax.lapack``) never issue a batched call on a CPU; this runs each route in a fresh
+process under a timeout, so a hang fails the test instead of stalling the suite, and checks
+the batched values against single-setting calls.
 """
 
 import os
