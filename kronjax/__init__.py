@@ -10,9 +10,18 @@ and ``KroneckerReparam`` the whitened form of a latent site for NUTS.
 """
 
 from kronjax import gp, kl, linalg
+from kronjax.covariance import KroneckerCovariance
 from kronjax.distribution import KroneckerNormal
 from kronjax.marginal import KroneckerMarginal
 from kronjax.reparam import KroneckerReparam
 
-__all__ = ["KroneckerMarginal", "KroneckerNormal", "KroneckerReparam", "gp", "kl", "linalg"]
+__all__ = [
+    "KroneckerCovariance",
+    "KroneckerMarginal",
+    "KroneckerNormal",
+    "KroneckerReparam",
+    "gp",
+    "kl",
+    "linalg",
+]
 __version__ = "0.1.0"

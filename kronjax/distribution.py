@@ -10,7 +10,8 @@ from numpyro.distributions import Distribution, constraints
 from numpyro.distributions.util import validate_sample
 from numpyro.util import not_jax_tracer
 
-from kronjax import conditioning, lapack, linalg
+from kronjax import conditioning, linalg
+from kronjax.covariance import KroneckerCovariance
 from kronjax.marginal import KroneckerMarginal
 
 __all__ = ["KroneckerNormal"]
@@ -106,31 +107,6 @@ def _check_noise(noise_factors, sizes) -> tuple[tuple, tuple[bool, ...]]:
         out.append(s)
         is_matrix.append(matrix)
     return tuple(out), tuple(is_matrix)
-
-
-def _tri_half_logdet(tris, n: int) -> jax.Array:
-    r""":math:`\log|\det \otimes_i T_i| = \sum_i (N/n_i) \sum \log|\operatorname{diag} T_i|`
-    for triangular ``T_i`` ``(..., n_i, n_i)``."""
-    return sum(
-        (n // t.shape[-1]) * jnp.sum(jnp.log(jnp.abs(jnp.diagonal(t, axis1=-2, axis2=-1))), -1)
-        for t in tris
-    )
-
-
-def _whiten_factor(k: jax.Array, c: jax.Array) -> jax.Array:
-    r""":math:`C^{-1} K C^{-\top}` by two triangular solves, batched; symmetrized."""
-
-    def whiten(k, c):
-        a = lapack.solve_triangular(c, k)
-        a = lapack.solve_triangular(c, a.T)
-        return 0.5 * (a + a.T)
-
-    return jnp.vectorize(whiten, signature="(n,n),(n,n)->(n,n)")(k, c)
-
-
-def _diag_root(a: jax.Array) -> jax.Array:
-    r""":math:`\operatorname{diag}(\sqrt{a})` for a diagonal noise factor given as ``a``."""
-    return jnp.sqrt(a)[..., None] * jnp.eye(a.shape[-1], dtype=a.dtype)
 
 
 def _batch_shape(loc, factors, sigma, factor_name: str, extra=()) -> tuple[int, ...]:
@@ -240,20 +216,7 @@ class KroneckerNormal(Distribution):
     support = constraints.real_vector
     reparametrized_params = ["loc", "covs", "chols", "evds", "sigma", "noise_factors"]
     pytree_aux_fields = ("_strict",)
-    pytree_data_fields = (
-        "loc",
-        "covs",
-        "chols",
-        "sigma",
-        "_eig_covs",
-        "_eigvals",
-        "_eigvecs",
-        "noise_factors",
-        "_noise_chols",
-        "_white_covs",
-        "_white_vals",
-        "_white_vecs",
-    )
+    pytree_data_fields = ("loc", "covs", "chols", "_evds", "sigma", "noise_factors", "covariance")
 
     def __init__(
         self,
@@ -305,86 +268,44 @@ class KroneckerNormal(Distribution):
             *([] if sigma is None else [sigma]),
             *(a for a in noise or () if a is not None),
         )
+        cast = lambda xs: (
+            None
+            if xs is None
+            else tuple(  # noqa: E731
+                None if x is None else x.astype(dtype) for x in xs
+            )
+        )
         self.loc = loc.astype(dtype)
-        self.sigma = None if sigma is None else sigma.astype(dtype)
-        self.covs = self.chols = None
-        self._eig_covs = self._eigvals = self._eigvecs = None
-        if covs is not None:
-            self.covs = self._eig_covs = tuple(f.astype(dtype) for f in factors)
-        elif chols is not None:
-            self.chols = tuple(f.astype(dtype) for f in factors)
-            if sigma is not None and noise is None:  # noise: leave the Cholesky route
-                self._eig_covs = tuple(l @ jnp.swapaxes(l, -1, -2) for l in self.chols)
-        else:
-            self._eigvals = tuple(v.astype(dtype) for v in eigvals)
-            self._eigvecs = tuple(q.astype(dtype) for q in eigvecs)
-        self.noise_factors = self._noise_chols = None
-        self._white_covs = self._white_vals = self._white_vecs = None
-        if noise is not None:
-            self._init_noise(noise, noise_is_matrix, dtype)
-        if self._eig_covs is not None:  # the one eigendecomposition per factor
-            self._init_eigh(noise)
+        self.covs = cast(None if covs is None else factors)
+        self.chols = cast(None if chols is None else factors)
+        self._evds = None if evds is None else tuple(zip(cast(eigvals), cast(eigvecs)))
+        self.noise_factors = cast(noise)
+        sigma = None if sigma is None else sigma.astype(dtype)
+        if noise is not None and sigma is None:
+            sigma = jnp.ones((), dtype)
+        self.sigma = sigma
+        self.covariance = KroneckerCovariance.from_factors(
+            self.covs, self.chols, self._evds, sigma, self.noise_factors
+        )
         self._strict = validate_args is True  # an explicit request refuses ill-conditioning
         super().__init__(batch_shape, (n,), validate_args=validate_args)
-
-    def _init_eigh(self, noise) -> None:
-        """``eigh`` of every factor (:func:`kronjax.lapack.eigh`). With noise factors only
-        log_prob's whitened decompositions are needed (this one serves sampling; ``jit``
-        drops it when unused); identity-noise axes reuse the whitened one."""
-        own = [] if noise is None else [i for i, a in enumerate(noise) if a is None]
-        pairs = {i: lapack.eigh(k) for i, k in enumerate(self._eig_covs) if i not in own}
-        pairs.update({i: (self._white_vals[i], self._white_vecs[i]) for i in own})
-        self._eigvals = tuple(pairs[i][0] for i in range(len(pairs)))
-        self._eigvecs = tuple(pairs[i][1] for i in range(len(pairs)))
-
-    def _init_noise(self, noise, is_matrix, dtype) -> None:
-        """Whiten every factor by its noise root, once, and decompose the whitened factors."""
-        self.noise_factors = tuple(None if a is None else a.astype(dtype) for a in noise)
-        if self.sigma is None:
-            self.sigma = jnp.ones((), dtype)
-        covs, vals, vecs = self._factor_covs(), self._eigvals, self._eigvecs
-        # identity noise on an axis with a decomposition given (evds): keep the factor's own
-        todo = [i for i, a in enumerate(self.noise_factors) if a is not None or vals is None]
-
-        def decompose(k, a, matrix):
-            chol = lapack.cholesky(a) if matrix else None
-            if a is not None:
-                k = _whiten_factor(k, chol if matrix else _diag_root(a))
-            return (chol, k, *lapack.eigh(k))
-
-        done = {i: decompose(covs[i], self.noise_factors[i], is_matrix[i]) for i in todo}
-        self._noise_chols = tuple(done[i][0] if i in done else None for i in range(len(covs)))
-        self._white_covs, self._white_vals, self._white_vecs = (
-            tuple(done[i][j] if i in done else own[i] for i in range(len(covs)))
-            for j, own in ((1, covs), (2, vals), (3, vecs))
-        )
 
     # -- shapes -----------------------------------------------------------------------
 
     @property
     def factor_sizes(self) -> tuple[int, ...]:
         """The grid sizes ``(n_1, …, n_d)``."""
-        factors = self._eigvecs if self._eigvecs is not None else self.chols
-        return tuple(f.shape[-1] for f in factors)
+        return self.covariance.factor_sizes
 
     @property
     def evds(self) -> tuple[tuple[jax.Array, jax.Array], ...] | None:
         """The ``(eigenvalues, eigenvectors)`` pairs when given as ``evds``, else None."""
-        if self.covs is not None or self.chols is not None:
-            return None
-        return tuple(zip(self._eigvals, self._eigvecs, strict=True))
+        return self._evds
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
         # Derived from the parameters, so a distribution returned by ``jax.vmap`` is right.
-        factors = self._eigvecs if self._eigvecs is not None else self.chols
-        shapes = [jnp.shape(self.loc)[:-1], *(jnp.shape(f)[:-2] for f in factors)]
-        if self.sigma is not None:
-            shapes.append(jnp.shape(self.sigma))
-        for a, c in zip(self.noise_factors or (), self._noise_chols or (), strict=True):
-            if a is not None:
-                shapes.append(jnp.shape(a)[: -1 if c is None else -2])
-        return jnp.broadcast_shapes(*shapes)
+        return jnp.broadcast_shapes(jnp.shape(self.loc)[:-1], self.covariance.batch_shape)
 
     def _check_value(self, value) -> jax.Array:
         value = _as_real("value", value)
@@ -403,70 +324,14 @@ class KroneckerNormal(Distribution):
             ) from None
         return value
 
-    # -- the density ------------------------------------------------------------------
-
-    def _sigma2(self):
-        return 0.0 if self.sigma is None else jnp.square(self.sigma)
-
-    def _chol_half_logdet(self) -> jax.Array:
-        r"""Half the log determinant of :math:`\otimes L_i L_i^\top`.
-
-        .. math:: \tfrac12 \log\det = \textstyle\sum_i (N/n_i) \sum \log|\operatorname{diag} L_i|
-        """
-        return _tri_half_logdet(self.chols, self.event_shape[0])
-
-    # -- Kronecker-structured noise ---------------------------------------------------
-
-    def _noise_roots(self) -> tuple[jax.Array, ...]:
-        """Lower-triangular ``C_i`` with ``C_i C_iᵀ = S_i``: identity, diagonal or Cholesky."""
-        out = []
-        for a, c, n in zip(self.noise_factors, self._noise_chols, self.factor_sizes, strict=True):
-            if a is None:
-                out.append(jnp.eye(n, dtype=self.loc.dtype))
-            else:
-                out.append(_diag_root(a) if c is None else c)
-        return tuple(out)
-
-    def _noise_mats(self) -> tuple[jax.Array, ...]:
-        """The dense noise factors ``S_i`` (small, ``n_i × n_i``)."""
-        return tuple(
-            jnp.eye(n, dtype=self.loc.dtype)
-            if a is None
-            else a
-            if c is not None
-            else a[..., None] * jnp.eye(n, dtype=a.dtype)
-            for a, c, n in zip(
-                self.noise_factors, self._noise_chols, self.factor_sizes, strict=True
-            )
-        )
-
-    def _noise_half_logdet(self) -> jax.Array:
-        r""":math:`\log|\det C| = \tfrac12 \log\det \otimes_i S_i`."""
-        roots = [
-            c for c, a in zip(self._noise_roots(), self.noise_factors, strict=True) if a is not None
-        ]
-        return _tri_half_logdet(roots, self.event_shape[0])
-
-    # -- structured solves, used by the marginal and the KL divergence ------------------
+    # -- the density: every operation is the covariance's ------------------------------
 
     def condition_number(self) -> jax.Array:
-        r"""The condition number :math:`\kappa` of the covariance, batched.
-
-        Exact on the eigen routes (:func:`kronjax.conditioning.eig_condition`, of
-        :math:`\otimes_i \tilde K_i + \sigma^2 I` after whitening by the noise factors);
-        for noise-free ``chols`` the estimate
-        :math:`\prod_i (\max|\operatorname{diag} L_i| / \min|\operatorname{diag} L_i|)^2`.
-        ``log_prob``, the solves, the marginal and prediction check it against the dtype
-        (see :mod:`kronjax.conditioning`). Cost :math:`O(\sum_i n_i)`.
-        """
-        if self._eigvals is None and self.noise_factors is None:
-            ratios = []
-            for l in self.chols:
-                diag = jnp.abs(jnp.diagonal(l, axis1=-2, axis2=-1))
-                ratios.append(jnp.square(jnp.max(diag, -1) / jnp.min(diag, -1)))
-            return math.prod(ratios)
-        vals = self._white_vals if self.noise_factors is not None else self._eigvals
-        return conditioning.eig_condition(vals, self._sigma2())
+        r"""The condition number :math:`\kappa` of the covariance, batched
+        (:meth:`kronjax.KroneckerCovariance.condition_number`: exact on the eigen routes,
+        an estimate for noise-free ``chols``). ``log_prob``, the solves, the marginal and
+        prediction check it against the dtype (:mod:`kronjax.conditioning`)."""
+        return self.covariance.condition_number()
 
     def check_conditioning(self, where: str) -> None:
         """Refuse (``validate_args=True`` given) or warn once when :meth:`condition_number`
@@ -478,66 +343,11 @@ class KroneckerNormal(Distribution):
             strict=self._strict,
         )
 
-    def _logdet(self) -> jax.Array:
-        r""":math:`\log\det K`, differentiable through the custom rules of the core."""
-        if self.noise_factors is not None:
-            core = linalg.kron_eig_logdet(
-                self._white_vals, self._white_vecs, self._sigma2(), covs=self._white_covs
-            )
-            return core + 2 * self._noise_half_logdet()
-        if self._eigvals is None:
-            return 2 * self._chol_half_logdet()
-        return linalg.kron_eig_logdet(
-            self._eigvals, self._eigvecs, self._sigma2(), covs=self._eig_covs
-        )
-
-    def _solve(self, x: jax.Array) -> jax.Array:
-        r""":math:`K^{-1} x` for ``x`` ``(..., N)``, :math:`O(N \sum_i n_i)`, never forming K.
-
-        Eigenbasis route :math:`Q((Q^\top x)/D)` with the custom VJP of
-        :func:`kronjax.linalg.kron_eig_solve`; with noise factors
-        :math:`C^{-\top}(\otimes\tilde K_i + \sigma^2 I)^{-1} C^{-1} x`; noise-free Cholesky
-        factors by two per-mode triangular solves.
-        """
+    def solve(self, x: jax.Array) -> jax.Array:
+        r""":math:`K^{-1} x` for ``x`` ``(..., N)``, :math:`O(N \sum_i n_i)`, never forming K;
+        the conditioning is checked first."""
         self.check_conditioning("solve")
-        if self.noise_factors is not None:
-            roots = self._noise_roots()
-            w = linalg.kron_solve_triangular(roots, x)
-            w = linalg.kron_eig_solve(
-                w, self._white_vals, self._white_vecs, self._sigma2(), covs=self._white_covs
-            )
-            return linalg.kron_solve_triangular(roots, w, trans=True)
-        if self._eigvals is None:
-            z = linalg.kron_solve_triangular(self.chols, x)
-            return linalg.kron_solve_triangular(self.chols, z, trans=True)
-        return linalg.kron_eig_solve(
-            x, self._eigvals, self._eigvecs, self._sigma2(), covs=self._eig_covs
-        )
-
-    def _trace_inv(self, terms) -> jax.Array:
-        r""":math:`\operatorname{tr}(K^{-1} \sum_t \otimes_i P^t_i)` for small dense ``P^t_i``.
-
-        See :func:`kronjax.linalg.kron_eig_trace_inv`; with noise factors the ``P^t_i`` are
-        whitened first (:math:`C_i^{-1} P^t_i C_i^{-\top}`); noise-free Cholesky factors
-        give :math:`\prod_i \operatorname{tr}(K_i^{-1} P^t_i)` per term.
-        """
-        if self.noise_factors is not None:
-            roots = self._noise_roots()
-            terms = [[_whiten_factor(p, c) for p, c in zip(t, roots, strict=True)] for t in terms]
-            return linalg.kron_eig_trace_inv(
-                terms, self._white_vals, self._white_vecs, self._sigma2(), covs=self._white_covs
-            )
-        if self._eigvals is None:
-            return sum(
-                math.prod(
-                    jnp.trace(_whiten_factor(p, l), axis1=-2, axis2=-1)
-                    for p, l in zip(t, self.chols, strict=True)
-                )
-                for t in terms
-            )
-        return linalg.kron_eig_trace_inv(
-            terms, self._eigvals, self._eigvecs, self._sigma2(), covs=self._eig_covs
-        )
+        return self.covariance.solve(x)
 
     def marginal(self, observed) -> KroneckerMarginal:
         r"""The exact marginal distribution of the cells at ``observed``.
@@ -556,38 +366,13 @@ class KroneckerNormal(Distribution):
     @validate_sample
     def _log_prob(self, value) -> jax.Array:
         self.check_conditioning("log_prob")
-        r = value - self.loc
-        if self.noise_factors is not None:  # whiten, then the eigen core (Rakitsch et al.)
-            w = linalg.kron_solve_triangular(self._noise_roots(), r)
-            core = linalg.kron_eig_logpdf(
-                w, self._white_vals, self._white_vecs, self._sigma2(), covs=self._white_covs
-            )
-            return core - self._noise_half_logdet()
-        if self._eigvals is None:  # noise-free Cholesky route: per-mode triangular solves
-            z = linalg.kron_solve_triangular(self.chols, r)
-            n = self.event_shape[0]
-            return -0.5 * jnp.sum(z * z, -1) - self._chol_half_logdet() - 0.5 * n * _LOG_2PI
-        return linalg.kron_eig_logpdf(
-            r, self._eigvals, self._eigvecs, self._sigma2(), covs=self._eig_covs
-        )
+        return self.covariance.logpdf(value - self.loc)
 
     def entropy(self) -> jax.Array:
         r""":math:`\tfrac12 \log\det K + \tfrac N2 (1 + \log 2\pi)`."""
         n = self.event_shape[0]
-        return jnp.broadcast_to(0.5 * self._logdet() + 0.5 * n * (1 + _LOG_2PI), self.batch_shape)
-
-    # -- sampling ---------------------------------------------------------------------
-
-    def _roots(self) -> tuple[jax.Array, ...]:
-        """Factor roots ``R_i`` with ``R_i R_iᵀ = K_i``, differentiable in the parameters."""
-        if self.chols is not None:
-            return self.chols
-        if self.covs is not None:
-            return tuple(map(linalg.psd_sqrt, self.covs, self._eigvals, self._eigvecs))
-        return tuple(
-            q * jnp.sqrt(jnp.maximum(v, 0))[..., None, :]
-            for v, q in zip(self._eigvals, self._eigvecs, strict=True)
-        )
+        logdet = self.covariance.logdet()
+        return jnp.broadcast_to(0.5 * logdet + 0.5 * n * (1 + _LOG_2PI), self.batch_shape)
 
     def sample(self, key, sample_shape=()) -> jax.Array:
         r"""Draw :math:`x = \mu + (\otimes R_i) z_1 + \sigma (\otimes C_i) z_2`.
@@ -602,23 +387,14 @@ class KroneckerNormal(Distribution):
         """
         shape = tuple(sample_shape) + self.batch_shape + self.event_shape
         key_k, key_noise = jax.random.split(key)
-        x = self.loc + linalg.kron_matvec(
-            self._roots(), jax.random.normal(key_k, shape, self.loc.dtype)
-        )
+        z = jax.random.normal(key_k, shape, self.loc.dtype)
+        x = self.loc + self.covariance.signal_root_matvec(z)
         if self.sigma is not None:
             noise = jax.random.normal(key_noise, shape, self.loc.dtype)
-            if self.noise_factors is not None:  # σ (⊗ C_i) z₂, C_i C_iᵀ = S_i
-                noise = linalg.kron_matvec(self._noise_roots(), noise)
-            x = x + self.sigma[..., None] * noise
+            x = x + self.covariance.noise_root_matvec(noise)
         return x
 
     # -- moments ----------------------------------------------------------------------
-
-    def _factor_covs(self) -> tuple[jax.Array, ...]:
-        """The dense factors :math:`K_i` (small, ``n_i × n_i``)."""
-        if self.covs is not None:
-            return self.covs
-        return tuple(r @ jnp.swapaxes(r, -1, -2) for r in self._roots())
 
     @property
     def mean(self) -> jax.Array:
@@ -628,29 +404,12 @@ class KroneckerNormal(Distribution):
     def variance(self) -> jax.Array:
         r""":math:`\operatorname{diag} K = \otimes_i \operatorname{diag} K_i + \sigma^2
         \otimes_i \operatorname{diag} S_i`, from the factors' diagonals."""
-        if self.covs is not None:
-            diags = [jnp.diagonal(k, axis1=-2, axis2=-1) for k in self.covs]
-        else:  # row sums of squared roots: diag(R Rᵀ)
-            diags = [jnp.sum(r * r, -1) for r in self._roots()]
-        var = linalg.kron_outer(diags)
-        if self.sigma is not None:
-            noise_var = jnp.square(self.sigma)[..., None]
-            if self.noise_factors is not None:
-                noise_var = noise_var * linalg.kron_diag(self._noise_mats())
-            var = var + noise_var
-        return jnp.broadcast_to(var, self.batch_shape + self.event_shape)
+        return jnp.broadcast_to(self.covariance.diag(), self.batch_shape + self.event_shape)
 
     @property
     def covariance_matrix(self) -> jax.Array:
         """The dense ``N × N`` covariance. For small N only."""
-        cov = linalg.kron_dense(self._factor_covs())
-        if self.sigma is not None:
-            if self.noise_factors is None:
-                noise = jnp.eye(self.event_shape[0], dtype=cov.dtype)
-            else:
-                noise = linalg.kron_dense(self._noise_mats())
-            cov = cov + jnp.square(self.sigma)[..., None, None] * noise
-        return jnp.broadcast_to(cov, self.batch_shape + self.event_shape * 2)
+        return jnp.broadcast_to(self.covariance.dense(), self.batch_shape + self.event_shape * 2)
 
     # -- validation -------------------------------------------------------------------
 
@@ -658,7 +417,7 @@ class KroneckerNormal(Distribution):
         """Check values: finite, ``sigma >= 0``, factors symmetric PSD (PD without noise),
         noise factors positive (diagonals) or symmetric positive definite (matrices)."""
         leaves = jax.tree.leaves(
-            (self.loc, self.sigma, self.covs, self.chols, self._eigvals, self.noise_factors)
+            (self.loc, self.sigma, self.covs, self.chols, self._evds, self.noise_factors)
         )
         if not all(not_jax_tracer(x) for x in leaves):
             if strict:
@@ -675,10 +434,11 @@ class KroneckerNormal(Distribution):
         if self.noise_factors is not None:
             self._validate_noise()
         name = "covs" if self.covs is not None else "chols" if self.chols is not None else "evds"
-        for i, f in enumerate(self.covs or self.chols or self._eigvecs):
+        eigvals = self.covariance.factor_eigenvalues()
+        for i, f in enumerate(self.covs or self.chols or [q for _, q in self._evds]):
             arg = f"{name}[{i}]"
             if not bool(jnp.all(jnp.isfinite(f))) or (
-                self._eigvals is not None and not bool(jnp.all(jnp.isfinite(self._eigvals[i])))
+                self._evds is not None and not bool(jnp.all(jnp.isfinite(eigvals[i])))
             ):
                 raise ValueError(f"KroneckerNormal: {arg} has non-finite entries")
             if self.covs is not None:
@@ -705,7 +465,7 @@ class KroneckerNormal(Distribution):
                         f"KroneckerNormal: {arg} eigenvectors are not orthonormal "
                         f"(max |QᵀQ - I| = {off:.3g})"
                     )
-            vals = self._eigvals[i]
+            vals = eigvals[i]
             tol = _tol(vals, vals.shape[-1])
             smallest = float(jnp.min(vals))
             if smallest < -tol:
@@ -721,7 +481,8 @@ class KroneckerNormal(Distribution):
                 )
 
     def _validate_noise(self) -> None:
-        for i, (a, c) in enumerate(zip(self.noise_factors, self._noise_chols, strict=True)):
+        chols = self.covariance.noise_chols
+        for i, (a, c) in enumerate(zip(self.noise_factors, chols, strict=True)):
             arg = f"noise_factors[{i}]"
             if a is None:
                 continue

@@ -27,15 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kronjax import lapack, linalg
+from kronjax import linalg
 from kronjax.distribution import KroneckerNormal
 from kronjax.linalg import (
-    _from_eigenbasis,
-    _mode_product,
-    _outer_tensor,
-    _rest_weights,
-    _spectrum,
-    _to_mode,
+    from_eigenbasis,
+    mode_product,
+    outer_tensor,
+    rest_weights,
+    spectrum,
+    to_mode,
 )
 
 __all__ = ["predict", "cartesian"]
@@ -93,12 +93,12 @@ def _point_contract(t: jax.Array, vecs: Sequence[jax.Array]) -> jax.Array:
 
 def _grid_reduction(eigvals, eigvecs, sigma2, kstars):
     bsq = [jnp.square(k @ q) for k, q in zip(kstars, eigvecs, strict=True)]
-    return linalg.kron_matvec(bsq, 1 / _spectrum(eigvals, sigma2).reshape(-1))
+    return linalg.kron_matvec(bsq, 1 / spectrum(eigvals, sigma2).reshape(-1))
 
 
 def _points_reduction(eigvals, eigvecs, sigma2, kstars):
     bsq = [jnp.square(k @ q) for k, q in zip(kstars, eigvecs, strict=True)]
-    return _point_contract(1 / _spectrum(eigvals, sigma2), bsq)
+    return _point_contract(1 / spectrum(eigvals, sigma2), bsq)
 
 
 def _sum_map(fn, xs, init):
@@ -133,7 +133,7 @@ def _cov_grid_reduction_bwd(res, h):
     :math:`O(N \sum_i m_i n_i)`, memory :math:`O(N + M)`."""
     eigvals, eigvecs, sigma2, kstars = res
     sigma2_bar, kstar_bars = _fixed_basis_vjp(_grid_reduction, res, h)
-    dinv = 1 / _spectrum(eigvals, sigma2)
+    dinv = 1 / spectrum(eigvals, sigma2)
     b = [k @ q for k, q in zip(kstars, eigvecs, strict=True)]
     d = len(b)
     ht = h.reshape(tuple(k.shape[0] for k in kstars))
@@ -142,14 +142,14 @@ def _cov_grid_reduction_bwd(res, h):
         t = ht
         for j in range(d):
             if j != i:
-                t = _mode_product(t, jnp.square(b[j]).T, j, d)
-        hw, di = _to_mode(t, i) * _rest_weights(eigvals, i), _to_mode(dinv, i)
+                t = mode_product(t, jnp.square(b[j]).T, j, d)
+        hw, di = to_mode(t, i) * rest_weights(eigvals, i), to_mode(dinv, i)
 
         def term(row, di=di):  # one test row m_i at a time: memory O(N)
             u = row[0][:, None] * di
             return -(u * row[1]) @ u.T
 
-        cov_bars.append(_from_eigenbasis(q, _sum_map(term, (b[i], hw), jnp.zeros_like(q))))
+        cov_bars.append(from_eigenbasis(q, _sum_map(term, (b[i], hw), jnp.zeros_like(q))))
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
     return (tuple(cov_bars), *zeros, sigma2_bar, kstar_bars)
 
@@ -174,17 +174,17 @@ def _cov_points_reduction_bwd(res, h):
     point."""
     eigvals, eigvecs, sigma2, kstars = res
     sigma2_bar, kstar_bars = _fixed_basis_vjp(_points_reduction, res, h)
-    dinv = 1 / _spectrum(eigvals, sigma2)
+    dinv = 1 / spectrum(eigvals, sigma2)
     b = [k @ q for k, q in zip(kstars, eigvecs, strict=True)]
-    weights = [_rest_weights(eigvals, i) for i in range(len(b))]
+    weights = [rest_weights(eigvals, i) for i in range(len(b))]
 
     def point(args):
         rows, hj = args
-        c = _outer_tensor(rows) * dinv
-        return [-hj * (_to_mode(c, i) * w) @ _to_mode(c, i).T for i, w in enumerate(weights)]
+        c = outer_tensor(rows) * dinv
+        return [-hj * (to_mode(c, i) * w) @ to_mode(c, i).T for i, w in enumerate(weights)]
 
     ms = _sum_map(point, (b, h), [jnp.zeros_like(q) for q in eigvecs])
-    cov_bars = tuple(_from_eigenbasis(q, m) for q, m in zip(eigvecs, ms, strict=True))
+    cov_bars = tuple(from_eigenbasis(q, m) for q, m in zip(eigvecs, ms, strict=True))
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
     return (cov_bars, *zeros, sigma2_bar, kstar_bars)
 
@@ -193,27 +193,6 @@ _cov_points_reduction.defvjp(_cov_points_reduction_fwd, _cov_points_reduction_bw
 
 
 # ----------------------------------------------------------------------------------
-
-
-def _eigen_parts(dist: KroneckerNormal):
-    """``(covs carrying the gradient or None, eigvals, eigvecs)`` of the training factors.
-
-    The noise-free Cholesky parameterization stores no eigendecomposition; it is computed
-    here from :math:`K_i = L_i L_i^\top` (``O(Σ n_i³)``), with gradients to ``L_i`` through
-    :math:`K_i`.
-    """
-    if dist.noise_factors is not None:  # the factors whitened by the noise roots
-        vals, vecs = jax.lax.stop_gradient((dist._white_vals, dist._white_vecs))
-        return dist._white_covs, vals, vecs
-    if dist._eigvals is not None:
-        covs = dist._eig_covs
-        vals, vecs = dist._eigvals, dist._eigvecs
-        if covs is not None:
-            vals, vecs = jax.lax.stop_gradient((vals, vecs))
-        return covs, vals, vecs
-    covs = tuple(l @ jnp.swapaxes(l, -1, -2) for l in dist.chols)
-    pairs = [lapack.eigh(k) for k in covs]
-    return covs, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
 
 
 def _check_inputs(dist, y, cross_covs, test_diags, grid):
@@ -340,7 +319,8 @@ def predict(
     """
     y, kstars, diags = _check_inputs(dist, y, cross_covs, test_diags, grid)
     dist.check_conditioning("predict")
-    covs, vals, vecs = _eigen_parts(dist)
+    cov = dist.covariance
+    vals, vecs, covs = cov.eigensystem()
     sigma2 = jnp.zeros((), dist.loc.dtype) if dist.sigma is None else jnp.square(dist.sigma)
     r = y - dist.loc
     if dist.noise_factors is not None:
@@ -349,13 +329,8 @@ def predict(
                 "predict: pred_noise=True is undefined with noise_factors, which give the "
                 "noise of the training grid only; add the noise variance at your test points"
             )
-        # A = C (⊗K̃_i + σ²I) Cᵀ: whiten the residual by C⁻¹ and the cross-covariances by C⁻ᵀ
-        roots = dist._noise_roots()
-        r = linalg.kron_solve_triangular(roots, r)
-        kstars = tuple(
-            jnp.swapaxes(lapack.solve_triangular(c, jnp.swapaxes(k, -1, -2)), -1, -2)
-            for c, k in zip(roots, kstars, strict=True)
-        )
+    # A = C (⊗K̃_i + σ²I) Cᵀ: the residual whitened by C⁻¹, the cross-covariances by C⁻ᵀ
+    r, kstars = cov.whiten(r), cov.whiten_cross(kstars)
     alpha = linalg.kron_eig_solve(r, vals, vecs, sigma2, covs=covs)
     if grid:
         mean = linalg.kron_matvec(kstars, alpha)

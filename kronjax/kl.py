@@ -44,12 +44,6 @@ def _kl_kronecker_normal(p: KroneckerNormal, q: KroneckerNormal):
             "kl_divergence(KroneckerNormal, KroneckerNormal) needs the same factor sizes; got "
             f"{p.factor_sizes} and {q.factor_sizes}"
         )
-    terms = [list(p._factor_covs())]
-    if p.sigma is not None:
-        if p.noise_factors is None:
-            noise = [jnp.eye(n, dtype=p.loc.dtype) for n in p.factor_sizes]
-        else:
-            noise = list(p._noise_mats())
-        terms.append([jnp.square(p.sigma)[..., None, None] * noise[0], *noise[1:]])
-    kl = 0.5 * q._trace_inv(terms) - q.log_prob(p.mean) - p.entropy()
+    trace = q.covariance.trace_inv(p.covariance.kronecker_terms())
+    kl = 0.5 * trace - q.log_prob(p.mean) - p.entropy()
     return jnp.broadcast_to(kl, lax.broadcast_shapes(p.batch_shape, q.batch_shape))

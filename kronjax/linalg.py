@@ -37,6 +37,12 @@ __all__ = [
     "kron_eig_trace_inv",
     "psd_sqrt",
     "check_factors",
+    "from_eigenbasis",
+    "mode_product",
+    "outer_tensor",
+    "rest_weights",
+    "spectrum",
+    "to_mode",
 ]
 
 _GRID = "abcdefghijklmnopqrstuvwxy"  # einsum letters of the grid axes; "z" is the new one
@@ -58,7 +64,7 @@ def _fence(x: jax.Array) -> jax.Array:
     return jnp.where(jnp.isnan(x), jnp.nan, x)
 
 
-def _from_eigenbasis(q: jax.Array, m: jax.Array) -> jax.Array:
+def from_eigenbasis(q: jax.Array, m: jax.Array) -> jax.Array:
     r""":math:`Q M Q^\top`, the products kept apart by :func:`_fence`: a cotangent ``M`` in a
     factor's eigenbasis back to the original one (with ``Q = Q_iᵀ``, into the eigenbasis)."""
     return _fence(_fence(q @ m) @ jnp.swapaxes(q, -1, -2))
@@ -96,7 +102,7 @@ def _fibres(t: jax.Array, k: int, d: int) -> jax.Array:
     return _split_along(t, _fibre_split_axis(t.shape, k, d), d)
 
 
-def _mode_product(t: jax.Array, a: jax.Array, k: int, d: int) -> jax.Array:
+def mode_product(t: jax.Array, a: jax.Array, k: int, d: int) -> jax.Array:
     """Multiply axis ``k`` of the trailing ``d`` grid axes of ``t`` by ``a`` ``(..., p, q)``.
 
     Under a grid split (see :func:`_fibres`) the product is local to each device; only
@@ -187,7 +193,7 @@ def kron_matvec(factors: Sequence[jax.Array], x: jax.Array) -> jax.Array:
     d = len(factors)
     t = x.reshape(x.shape[:-1] + q)
     for k, a in enumerate(factors):
-        t = _mode_product(t, a, k, d)
+        t = mode_product(t, a, k, d)
     return t.reshape(t.shape[: t.ndim - d] + (-1,))
 
 
@@ -270,7 +276,7 @@ def kron_solve_triangular(
 # vectorize them over leading dimensions.
 
 
-def _outer_tensor(vectors: Sequence[jax.Array]) -> jax.Array:
+def outer_tensor(vectors: Sequence[jax.Array]) -> jax.Array:
     """Outer product of 1-D vectors as a ``(n_1, …, n_d)`` tensor."""
     d = len(vectors)
     out = 1.0
@@ -279,28 +285,28 @@ def _outer_tensor(vectors: Sequence[jax.Array]) -> jax.Array:
     return out
 
 
-def _spectrum(eigvals, sigma2) -> jax.Array:
+def spectrum(eigvals, sigma2) -> jax.Array:
     r""":math:`D = \lambda_1 \otimes \dots \otimes \lambda_d + \sigma^2` as a grid tensor.
 
     Under a grid split it is laid out split along axis 0, like the rotated residuals it
     divides, so XLA never gathers it when another use wants a different layout.
     """
     d = len(eigvals)
-    return _split_along(_outer_tensor([jnp.maximum(v, 0) for v in eigvals]) + sigma2, 0, d)
+    return _split_along(outer_tensor([jnp.maximum(v, 0) for v in eigvals]) + sigma2, 0, d)
 
 
 def _rotate(eigvecs, t, transpose: bool) -> jax.Array:
     """Mode products of the ``(n_1, …, n_d)`` tensor ``t`` with ``Q_i`` (or ``Q_iᵀ``)."""
     d = len(eigvecs)
     for k, q in enumerate(eigvecs):
-        t = _mode_product(t, q.T if transpose else q, k, d)
+        t = mode_product(t, q.T if transpose else q, k, d)
     return t
 
 
 def _eig_forward(eigvals, eigvecs, sigma2, r):
     sizes = tuple(v.shape[-1] for v in eigvals)
     rt = _rotate(eigvecs, r.reshape(sizes), transpose=True)
-    D = _spectrum(eigvals, sigma2)
+    D = spectrum(eigvals, sigma2)
     alpha = rt / D
     logp = -0.5 * (jnp.sum(rt * alpha) + jnp.sum(jnp.log(D)) + D.size * _LOG_2PI)
     return logp, alpha, D
@@ -315,7 +321,7 @@ def _other_eigvals(eigvals, i, root: bool = False):
     the grid tensor. With the root, a :math:`W_i`-weighted contraction of a tensor with itself
     over the other axes is one Gram matrix."""
     vals = [jnp.maximum(v, 0) for v in eigvals]
-    return _outer_tensor(
+    return outer_tensor(
         [jnp.ones_like(v) if j == i else jnp.sqrt(v) if root else v for j, v in enumerate(vals)]
     )
 
@@ -335,7 +341,7 @@ def _contract_others(t, vectors):
         return [t]
     last = t.reshape(-1, t.shape[-1])
     head = _contract_others((last @ vectors[-1]).reshape(t.shape[:-1]), vectors[:-1])
-    return head + [_outer_tensor(vectors[:-1]).reshape(-1) @ last]
+    return head + [outer_tensor(vectors[:-1]).reshape(-1) @ last]
 
 
 @jax.custom_vjp
@@ -352,9 +358,9 @@ def _cov_logpdf_bwd(res, g):
     eigvals, eigvecs, alpha, D = res
     cov_bars = []
     for i, (q, gi) in enumerate(zip(eigvecs, _logdet_grads(eigvals, D))):
-        b = _to_mode(alpha * _other_eigvals(eigvals, i, root=True), i)
+        b = to_mode(alpha * _other_eigvals(eigvals, i, root=True), i)
         M = 0.5 * g * (_fence(b @ b.T) - jnp.diag(gi))
-        cov_bars.append(_from_eigenbasis(q, M))
+        cov_bars.append(from_eigenbasis(q, M))
     sigma2_bar = 0.5 * g * (jnp.sum(alpha * alpha) - jnp.sum(1 / D))
     r_bar = -g * _rotate(eigvecs, alpha, transpose=False).reshape(-1)
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
@@ -365,7 +371,7 @@ _cov_logpdf.defvjp(_cov_logpdf_fwd, _cov_logpdf_bwd)
 
 
 def _eig_logdet(eigvals, eigvecs, sigma2):
-    return jnp.sum(jnp.log(_spectrum(eigvals, sigma2)))
+    return jnp.sum(jnp.log(spectrum(eigvals, sigma2)))
 
 
 @jax.custom_vjp
@@ -374,7 +380,7 @@ def _cov_logdet(covs, eigvals, eigvecs, sigma2):
 
 
 def _cov_logdet_fwd(covs, eigvals, eigvecs, sigma2):
-    D = _spectrum(eigvals, sigma2)
+    D = spectrum(eigvals, sigma2)
     return jnp.sum(jnp.log(D)), (eigvals, eigvecs, D)
 
 
@@ -483,19 +489,19 @@ def kron_eig_logdet(
 # of A = ⊗K_i + σ²I over every grid axis but i (weighted by W_i), as in the log density.
 
 
-def _to_mode(t: jax.Array, i: int) -> jax.Array:
+def to_mode(t: jax.Array, i: int) -> jax.Array:
     """The grid tensor ``t`` as an ``(n_i, N / n_i)`` matrix, axis ``i`` first."""
     return jnp.moveaxis(_fibres(t, i, t.ndim), i, 0).reshape(t.shape[i], -1)
 
 
-def _rest_weights(eigvals, i) -> jax.Array:
+def rest_weights(eigvals, i) -> jax.Array:
     r""":math:`W_i = \otimes_{j \ne i} \lambda_j` flattened over the other axes, ``(N / n_i,)``."""
-    return _outer_tensor([jnp.maximum(v, 0) for j, v in enumerate(eigvals) if j != i]).reshape(-1)
+    return outer_tensor([jnp.maximum(v, 0) for j, v in enumerate(eigvals) if j != i]).reshape(-1)
 
 
 def _eig_solve(eigvals, eigvecs, sigma2, r):
     sizes = tuple(v.shape[-1] for v in eigvals)
-    alpha = _rotate(eigvecs, r.reshape(sizes), transpose=True) / _spectrum(eigvals, sigma2)
+    alpha = _rotate(eigvecs, r.reshape(sizes), transpose=True) / spectrum(eigvals, sigma2)
     return _rotate(eigvecs, alpha, transpose=False).reshape(-1)
 
 
@@ -506,7 +512,7 @@ def _cov_solve(covs, eigvals, eigvecs, sigma2, r):
 
 def _cov_solve_fwd(covs, eigvals, eigvecs, sigma2, r):
     sizes = tuple(v.shape[-1] for v in eigvals)
-    D = _spectrum(eigvals, sigma2)
+    D = spectrum(eigvals, sigma2)
     alpha = _rotate(eigvecs, r.reshape(sizes), transpose=True) / D
     return _rotate(eigvecs, alpha, transpose=False).reshape(-1), (eigvals, eigvecs, alpha, D)
 
@@ -516,8 +522,8 @@ def _cov_solve_bwd(res, g):
     beta = _rotate(eigvecs, g.reshape(D.shape), transpose=True) / D
     cov_bars = []
     for i, q in enumerate(eigvecs):
-        m = _fence(-(_to_mode(beta, i) * _rest_weights(eigvals, i)) @ _to_mode(alpha, i).T)
-        cov_bars.append(_from_eigenbasis(q, 0.5 * (m + m.T)))
+        m = _fence(-(to_mode(beta, i) * rest_weights(eigvals, i)) @ to_mode(alpha, i).T)
+        cov_bars.append(from_eigenbasis(q, 0.5 * (m + m.T)))
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
     r_bar = _rotate(eigvecs, beta, transpose=False).reshape(-1)
     return (tuple(cov_bars), *zeros, -jnp.sum(beta * alpha), r_bar)
@@ -529,7 +535,7 @@ _cov_solve.defvjp(_cov_solve_fwd, _cov_solve_bwd)
 def _eig_sqrt_matvec(eigvals, eigvecs, sigma2, z):
     sizes = tuple(v.shape[-1] for v in eigvals)
     zt = _rotate(eigvecs, z.reshape(sizes), transpose=True)
-    return _rotate(eigvecs, jnp.sqrt(_spectrum(eigvals, sigma2)) * zt, False).reshape(-1)
+    return _rotate(eigvecs, jnp.sqrt(spectrum(eigvals, sigma2)) * zt, False).reshape(-1)
 
 
 @jax.custom_vjp
@@ -547,18 +553,18 @@ def _safe_inv(x):
 
 def _cov_sqrt_matvec_bwd(res, g):
     eigvals, eigvecs, sigma2, z = res
-    s = jnp.sqrt(_spectrum(eigvals, sigma2))
+    s = jnp.sqrt(spectrum(eigvals, sigma2))
     gt = _rotate(eigvecs, g.reshape(s.shape), transpose=True)
     zt = _rotate(eigvecs, z.reshape(s.shape), transpose=True)
     cov_bars = []
     for i, q in enumerate(eigvecs):
-        gw, zi, si = _to_mode(gt, i) * _rest_weights(eigvals, i), _to_mode(zt, i), _to_mode(s, i)
+        gw, zi, si = to_mode(gt, i) * rest_weights(eigvals, i), to_mode(zt, i), to_mode(s, i)
 
         def row(a, zi=zi, si=si):  # row a of the Sylvester solve: memory O(N)
             return jnp.sum(a[0] * zi * _safe_inv(a[1] + si), axis=1)
 
         m = jax.lax.map(row, (gw, si))
-        cov_bars.append(_from_eigenbasis(q, 0.5 * (m + m.T)))
+        cov_bars.append(from_eigenbasis(q, 0.5 * (m + m.T)))
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
     sigma2_bar = jnp.sum(gt * zt * _safe_inv(2 * s))
     z_bar = _rotate(eigvecs, s * gt, transpose=False).reshape(-1)
@@ -643,10 +649,10 @@ def kron_eig_sqrt_matvec(
 
 
 def _trace_forward(eigvals, eigvecs, sigma2, terms):
-    D = _spectrum(eigvals, sigma2)
+    D = spectrum(eigvals, sigma2)
     rotated = [[q.T @ p @ q for q, p in zip(eigvecs, term, strict=True)] for term in terms]
     diags = [[jnp.diagonal(m) for m in term] for term in rotated]
-    trace = sum(jnp.sum(_outer_tensor(ds) / D) for ds in diags)
+    trace = sum(jnp.sum(outer_tensor(ds) / D) for ds in diags)
     return trace, rotated, diags, D
 
 
@@ -674,12 +680,12 @@ def _cov_trace_bwd(res, g):
         bars = []
         for i, (q, c) in enumerate(zip(eigvecs, _contract_others(1 / D, ds))):
             rest = tuple(j for j in range(d) if j != i)
-            others = _outer_tensor([jnp.ones_like(v) if j == i else v for j, v in enumerate(ds)])
+            others = outer_tensor([jnp.ones_like(v) if j == i else v for j, v in enumerate(ds)])
             bars.append(_fence((q * (g * c)) @ q.T))
             H = jnp.tensordot(others * _other_eigvals(eigvals, i) / D, 1 / D, axes=(rest, rest))
-            cov_bars[i] = cov_bars[i] - _from_eigenbasis(q, g * ms[i].T * _fence(H))
+            cov_bars[i] = cov_bars[i] - from_eigenbasis(q, g * ms[i].T * _fence(H))
         term_bars.append(tuple(bars))
-        sigma2_bar = sigma2_bar - g * jnp.sum(_outer_tensor(ds) / (D * D))
+        sigma2_bar = sigma2_bar - g * jnp.sum(outer_tensor(ds) / (D * D))
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
     return (tuple(cov_bars), *zeros, sigma2_bar, tuple(term_bars))
 
@@ -766,11 +772,11 @@ def _psd_sqrt_bwd(res, root_bar):
     eigval, eigvec = res
     qt = jnp.swapaxes(eigvec, -1, -2)
     s = jnp.sqrt(jnp.maximum(eigval, 0))
-    m = _from_eigenbasis(qt, root_bar)  # Qᵀ R̄ Q
+    m = from_eigenbasis(qt, root_bar)  # Qᵀ R̄ Q
     m = 0.5 * (m + jnp.swapaxes(m, -1, -2))
     denom = s[..., :, None] + s[..., None, :]
     m = jnp.where(denom > 0, m / jnp.where(denom > 0, denom, 1), 0)
-    return _from_eigenbasis(eigvec, m), jnp.zeros_like(eigval), jnp.zeros_like(eigvec)
+    return from_eigenbasis(eigvec, m), jnp.zeros_like(eigval), jnp.zeros_like(eigvec)
 
 
 _psd_sqrt.defvjp(_psd_sqrt_fwd, _psd_sqrt_bwd)

@@ -131,7 +131,7 @@ class KroneckerMarginal(Distribution):
         missing = np.asarray(self.missing)
         batch = self.base.batch_shape
         units = jnp.zeros((m, n), self.base.loc.dtype).at[np.arange(m), missing].set(1)
-        cols = self.base._solve(units.reshape((m,) + (1,) * len(batch) + (n,)))
+        cols = self.base.solve(units.reshape((m,) + (1,) * len(batch) + (n,)))
         b_mm = jnp.moveaxis(cols[..., missing], 0, -2)
         return lapack.cholesky(0.5 * (b_mm + jnp.swapaxes(b_mm, -1, -2)))
 
@@ -151,9 +151,9 @@ class KroneckerMarginal(Distribution):
         obs = np.asarray(self.observed)
         r_o = value - self.base.loc[..., obs]
         r = jnp.zeros(r_o.shape[:-1] + (n,), r_o.dtype).at[..., obs].set(r_o)
-        u = self.base._solve(r)
+        u = self.base.solve(r)
         quad = jnp.sum(u[..., obs] * r_o, -1)
-        logdet = self.base._logdet()
+        logdet = self.base.covariance.logdet()
         if self._chol_mm is not None:
             w = _tri_solve(self._chol_mm, u[..., np.asarray(self.missing)])
             quad = quad - jnp.sum(w * w, -1)

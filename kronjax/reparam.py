@@ -1,33 +1,13 @@
 r"""``KroneckerReparam``: the non-centred (whitened) form of a latent ``KroneckerNormal``."""
 
-import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 from numpyro.infer.reparam import Reparam
 
-from kronjax import linalg
 from kronjax.distribution import KroneckerNormal
 
 __all__ = ["KroneckerReparam"]
-
-
-def _root_matvec(fn: KroneckerNormal, z: jax.Array) -> jax.Array:
-    r""":math:`R z` with :math:`R R^\top = \otimes K_i + \sigma^2 I`, differentiable in ``fn``.
-
-    With noise factors :math:`R = C\,(\otimes\tilde K_i + \sigma^2 I)^{1/2}`,
-    :math:`C = \otimes C_i`.
-    """
-    if fn.noise_factors is not None:
-        white = linalg.kron_eig_sqrt_matvec(
-            z, fn._white_vals, fn._white_vecs, jnp.square(fn.sigma), covs=fn._white_covs
-        )
-        return linalg.kron_matvec(fn._noise_roots(), white)
-    if fn.sigma is None:
-        return linalg.kron_matvec(fn._roots(), z)
-    return linalg.kron_eig_sqrt_matvec(
-        z, fn._eigvals, fn._eigvecs, jnp.square(fn.sigma), covs=fn._eig_covs
-    )
 
 
 class KroneckerReparam(Reparam):
@@ -77,4 +57,4 @@ class KroneckerReparam(Reparam):
         white = dist.Normal(jnp.zeros(fn.event_shape, fn.loc.dtype), 1.0).to_event(1)
         z = numpyro.sample(f"{name}_decentered", self._wrap(white, expand_shape, event_dim))
         # Simulates a deterministic site with the value of the original one.
-        return None, fn.loc + _root_matvec(fn, z)
+        return None, fn.loc + fn.covariance.root_matvec(z)

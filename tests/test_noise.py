@@ -237,7 +237,7 @@ def test_pytree_round_trips(rng):
     ).logpdf(value)
 
     d_jit = jax.jit(lambda d: d)(d)
-    assert d_jit.noise_factors[1].shape == (2, 2) and d_jit._white_vecs is not None
+    assert d_jit.noise_factors[1].shape == (2, 2) and d_jit.covariance.white.eigvecs is not None
     np.testing.assert_allclose(log_prob(d_jit), want, rtol=RTOL)
 
     _, stacked = jax.lax.scan(lambda c, _: (c, c), d, None, length=2)

@@ -44,7 +44,7 @@ def test_pytree_round_trip_through_jit_keeps_factorization():
     out = jax.jit(lambda d: d)(d)
     assert isinstance(out, KroneckerNormal)
     assert out.batch_shape == d.batch_shape and out.event_shape == d.event_shape
-    for a, b in zip(out._eigvecs, d._eigvecs):
+    for a, b in zip(out.covariance.eigvecs, d.covariance.eigvecs):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(jax.jit(lambda d: d.log_prob(Y))(d), d.log_prob(Y), rtol=RTOL)
 
