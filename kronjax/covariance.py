@@ -9,7 +9,7 @@ once, when built, and one implementation per route owns the algebra:
   :mod:`kronjax.linalg`, which never differentiate eigenvectors.
 - :class:`CholeskyCovariance`: noise-free :math:`A = \otimes L_i L_i^\top`, per-mode
   triangular solves.
-- :class:`WhitenedCovariance`: structured noise, :math:`A = C\, W C^\top` with
+- :class:`kronjax.whitened.WhitenedCovariance`: structured noise, :math:`A = C\, W C^\top` with
   :math:`C = \otimes C_i`, :math:`C_i C_i^\top = S_i`, and :math:`W` an
   :class:`EigenCovariance` of the whitened factors :math:`C_i^{-1} K_i C_i^{-\top}`
   (Rakitsch et al. 2013).
@@ -27,12 +27,19 @@ import jax.numpy as jnp
 
 from kronjax import conditioning, lapack, linalg
 
-__all__ = ["KroneckerCovariance", "EigenCovariance", "CholeskyCovariance", "WhitenedCovariance"]
+__all__ = [
+    "KroneckerCovariance",
+    "EigenCovariance",
+    "CholeskyCovariance",
+    "eigh_all",
+    "tri_half_logdet",
+    "whiten_factor",
+]
 
 _LOG_2PI = math.log(2 * math.pi)
 
 
-def _tri_half_logdet(tris, n: int) -> jax.Array:
+def tri_half_logdet(tris, n: int) -> jax.Array:
     r""":math:`\log|\det \otimes_i T_i| = \sum_i (N/n_i) \sum \log|\operatorname{diag} T_i|`."""
     return sum(
         (n // t.shape[-1]) * jnp.sum(jnp.log(jnp.abs(jnp.diagonal(t, axis1=-2, axis2=-1))), -1)
@@ -85,6 +92,8 @@ class KroneckerCovariance:
         or a matrix ``(..., n_i, n_i)``; with it ``sigma`` defaults to 1.
         """
         if noise_factors is not None:
+            from kronjax.whitened import WhitenedCovariance  # the route builds on this module
+
             return WhitenedCovariance.build(covs, chols, evds, sigma, noise_factors)
         if chols is not None and sigma is None:
             return CholeskyCovariance(tuple(chols))
@@ -93,8 +102,8 @@ class KroneckerCovariance:
             return EigenCovariance(vals, vecs, sigma)
         if chols is not None:
             covs = tuple(l @ jnp.swapaxes(l, -1, -2) for l in chols)
-            return EigenCovariance(*_eigh_all(covs), sigma, covs=covs, chols=tuple(chols))
-        return EigenCovariance(*_eigh_all(covs), sigma, covs=tuple(covs))
+            return EigenCovariance(*eigh_all(covs), sigma, covs=covs, chols=tuple(chols))
+        return EigenCovariance(*eigh_all(covs), sigma, covs=tuple(covs))
 
     # -- shapes -----------------------------------------------------------------------
 
@@ -112,7 +121,7 @@ class KroneckerCovariance:
     def batch_shape(self) -> tuple[int, ...]:
         """Broadcast leading dims of every array the covariance holds (its own vmap axes)."""
         shapes = []
-        for leaf, core in self._batch_parts():
+        for leaf, core in self.batch_parts():
             if leaf is not None:
                 shapes.append(jnp.shape(leaf)[: jnp.ndim(leaf) - core])
         return jnp.broadcast_shapes(*shapes)
@@ -161,9 +170,50 @@ class KroneckerCovariance:
             out = out + self.sigma2()[..., None, None] * linalg.kron_dense(self.noise_mats())
         return out
 
+    # -- what each route implements ---------------------------------------------------
+
+    def batch_parts(self):
+        """``(array, number of core dims)`` pairs whose leading dims make the batch shape."""
+        raise NotImplementedError
+
+    def signal_roots(self) -> tuple[jax.Array, ...]:
+        """Roots :math:`R_i R_i^\top = K_i` of the signal factors (small)."""
+        raise NotImplementedError
+
+    def factor_eigenvalues(self):
+        """The eigenvalues of the signal factors :math:`K_i`, or None when the route has
+        none (noise-free Cholesky)."""
+        raise NotImplementedError
+
     def logpdf(self, r: jax.Array) -> jax.Array:
         r""":math:`\log \mathcal N(r; 0, A) = -\tfrac12 (r^\top A^{-1} r + \log\det A
-        + N \log 2\pi)`: the quadratic form and the log determinant in one pass."""
+        + N \log 2\pi)`: the quadratic form and the log determinant in one pass,
+        :math:`O(N \sum_i n_i)`."""
+        raise NotImplementedError
+
+    def solve(self, x: jax.Array) -> jax.Array:
+        r""":math:`A^{-1} x` for ``x`` ``(..., N)``, :math:`O(N \sum_i n_i)`; on a complete grid
+        exact, so also the preconditioner of iterative solves on incomplete ones."""
+        raise NotImplementedError
+
+    def logdet(self) -> jax.Array:
+        r""":math:`\log\det A`, :math:`O(N)`."""
+        raise NotImplementedError
+
+    def trace_inv(self, terms) -> jax.Array:
+        r""":math:`\operatorname{tr}(A^{-1} \sum_t \otimes_i P^t_i)` for small ``P^t_i``,
+        :math:`O(\sum_i n_i^3 + N \sum_i n_i)` per term."""
+        raise NotImplementedError
+
+    def root_matvec(self, z: jax.Array) -> jax.Array:
+        r""":math:`R z` with :math:`R R^\top = A`, smooth in the factors (the whitened
+        parameterization of a latent site), :math:`O(N \sum_i n_i)`."""
+        raise NotImplementedError
+
+    def eigensystem(self):
+        r"""``(eigvals, eigvecs, covs)`` with :math:`\otimes K_i + \sigma^2 I = Q
+        \operatorname{diag}(D) Q^\top` in the frame of :meth:`whiten`; ``covs`` carry the
+        gradient (the decomposition is then constant) or are None."""
         raise NotImplementedError
 
     def signal_root_matvec(self, z: jax.Array) -> jax.Array:
@@ -189,7 +239,8 @@ class KroneckerCovariance:
         return conditioning.eig_condition(self.eigensystem()[0], self.sigma2())
 
 
-def _eigh_all(covs):
+def eigh_all(covs) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """``(eigvals, eigvecs)`` of every factor (:func:`kronjax.lapack.eigh`)."""
     pairs = [lapack.eigh(k) for k in covs]
     return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
 
@@ -215,7 +266,7 @@ class EigenCovariance(KroneckerCovariance):
     def _grid_factors(self):
         return self.eigvecs
 
-    def _batch_parts(self):
+    def batch_parts(self):
         yield from ((v, 1) for v in self.eigvals)
         yield from ((q, 2) for q in self.eigvecs)
         yield self.sigma, 0
@@ -289,7 +340,7 @@ class CholeskyCovariance(KroneckerCovariance):
     def _grid_factors(self):
         return self.chols
 
-    def _batch_parts(self):
+    def batch_parts(self):
         yield from ((l, 2) for l in self.chols)
 
     def factor_eigenvalues(self):
@@ -299,7 +350,7 @@ class CholeskyCovariance(KroneckerCovariance):
         return self.chols
 
     def _half_logdet(self):
-        return _tri_half_logdet(self.chols, self.size)
+        return tri_half_logdet(self.chols, self.size)
 
     def logpdf(self, r):
         z = linalg.kron_solve_triangular(self.chols, r)
@@ -330,7 +381,7 @@ class CholeskyCovariance(KroneckerCovariance):
         """The eigendecomposition of :math:`L_i L_i^\\top` (one ``eigh`` per factor), the
         gradient carried by :math:`L_i L_i^\\top`."""
         covs = self.factor_covs()
-        return (*_eigh_all(covs), covs)
+        return (*eigh_all(covs), covs)
 
     def condition_number(self):
         r"""The estimate :math:`\prod_i (\max|\operatorname{diag} L_i| /
@@ -340,138 +391,3 @@ class CholeskyCovariance(KroneckerCovariance):
             diag = jnp.abs(jnp.diagonal(l, axis1=-2, axis2=-1))
             ratios.append(jnp.square(jnp.max(diag, -1) / jnp.min(diag, -1)))
         return math.prod(ratios)
-
-
-def _diag_root(a: jax.Array) -> jax.Array:
-    r""":math:`\operatorname{diag}(\sqrt{a})` for a diagonal noise factor given as ``a``."""
-    return jnp.sqrt(a)[..., None] * jnp.eye(a.shape[-1], dtype=a.dtype)
-
-
-class WhitenedCovariance(KroneckerCovariance):
-    r"""Structured noise: :math:`A = \otimes K_i + \sigma^2 \otimes S_i = C W C^\top`,
-    :math:`C = \otimes C_i` (Cholesky of :math:`S_i`, :math:`\operatorname{diag}\sqrt{s_i}`
-    for a diagonal, identity for None), :math:`W = \otimes \tilde K_i + \sigma^2 I`,
-    :math:`\tilde K_i = C_i^{-1} K_i C_i^{-\top}` (an :class:`EigenCovariance`). So
-    :math:`A^{-1} = C^{-\top} W^{-1} C^{-1}` and :math:`\log\det A = \log\det W +
-    2 \log|\det C|`; gradients flow through the triangular solves and :math:`W`'s custom
-    VJPs, never through ``eigh``. ``signal`` is the noise-free covariance of the factors
-    (sampling roots, moments).
-    """
-
-    _data = ("signal", "white", "noise_factors", "noise_chols", "sigma")
-
-    def __init__(self, signal, white, noise_factors, noise_chols, sigma):
-        self.signal, self.white, self.sigma = signal, white, sigma
-        self.noise_factors, self.noise_chols = tuple(noise_factors), tuple(noise_chols)
-
-    @classmethod
-    def build(cls, covs, chols, evds, sigma, noise):
-        given = None if evds is None else tuple(tuple(x) for x in zip(*evds, strict=True))
-        if chols is not None:
-            signal = CholeskyCovariance(chols)
-        elif given is not None:
-            signal = EigenCovariance(*given)
-        ks = covs if covs is not None else signal.factor_covs()
-        dtype = ks[0].dtype
-        sigma = jnp.ones((), dtype) if sigma is None else sigma
-        parts = []
-        for i, (k, a) in enumerate(zip(ks, noise, strict=True)):
-            n = k.shape[-1]
-            chol = lapack.cholesky(a) if a is not None and a.shape[-2:] == (n, n) else None
-            if a is None and given is not None:  # keep the given decomposition
-                parts.append((chol, k, given[0][i], given[1][i]))
-                continue
-            if a is not None:
-                k = whiten_factor(k, _diag_root(a) if chol is None else chol)
-            parts.append((chol, k, *lapack.eigh(k)))
-        noise_chols, white_covs, vals, vecs = (tuple(p) for p in zip(*parts, strict=True))
-        white = EigenCovariance(vals, vecs, sigma, covs=white_covs)
-        if covs is not None:  # identity-noise axes reuse the whitened decomposition
-            pairs = [
-                (vals[i], vecs[i]) if a is None else lapack.eigh(k)
-                for i, (k, a) in enumerate(zip(covs, noise, strict=True))
-            ]
-            signal = EigenCovariance(*zip(*pairs, strict=True), covs=tuple(covs))
-        return cls(signal, white, noise, noise_chols, sigma)
-
-    @property
-    def dtype(self):
-        return self.white.dtype
-
-    def _grid_factors(self):
-        return self.white.eigvecs
-
-    def _batch_parts(self):
-        yield from self.signal._batch_parts()
-        yield from self.white._batch_parts()
-        for a, c in zip(self.noise_factors, self.noise_chols, strict=True):
-            if a is not None:
-                yield a, 1 if c is None else 2
-
-    def noise_roots(self) -> tuple[jax.Array, ...]:
-        """Lower-triangular :math:`C_i` with :math:`C_i C_i^\top = S_i`."""
-        return tuple(
-            jnp.eye(n, dtype=self.dtype) if a is None else _diag_root(a) if c is None else c
-            for a, c, n in zip(self.noise_factors, self.noise_chols, self.factor_sizes, strict=True)
-        )
-
-    def noise_mats(self):
-        return tuple(
-            jnp.eye(n, dtype=self.dtype)
-            if a is None
-            else a
-            if c is not None
-            else a[..., None] * jnp.eye(n, dtype=a.dtype)
-            for a, c, n in zip(self.noise_factors, self.noise_chols, self.factor_sizes, strict=True)
-        )
-
-    def _noise_half_logdet(self):
-        roots = [
-            c for c, a in zip(self.noise_roots(), self.noise_factors, strict=True) if a is not None
-        ]
-        return _tri_half_logdet(roots, self.size)
-
-    def factor_eigenvalues(self):
-        return self.signal.factor_eigenvalues()
-
-    def signal_roots(self):
-        return self.signal.signal_roots()
-
-    def factor_covs(self):
-        return self.signal.factor_covs()
-
-    def whiten(self, x):
-        return linalg.kron_solve_triangular(self.noise_roots(), x)
-
-    def whiten_cross(self, kstars):
-        return tuple(
-            jnp.swapaxes(lapack.solve_triangular(c, jnp.swapaxes(k, -1, -2)), -1, -2)
-            for c, k in zip(self.noise_roots(), kstars, strict=True)
-        )
-
-    def logpdf(self, r):
-        return self.white.logpdf(self.whiten(r)) - self._noise_half_logdet()
-
-    def solve(self, x):
-        r""":math:`C^{-\top} W^{-1} C^{-1} x`."""
-        w = self.white.solve(self.whiten(x))
-        return linalg.kron_solve_triangular(self.noise_roots(), w, trans=True)
-
-    def logdet(self):
-        return self.white.logdet() + 2 * self._noise_half_logdet()
-
-    def trace_inv(self, terms):
-        r""":math:`\operatorname{tr}(W^{-1} C^{-1} P C^{-\top})`: each :math:`P^t_i` whitened."""
-        roots = self.noise_roots()
-        terms = [[whiten_factor(p, c) for p, c in zip(t, roots, strict=True)] for t in terms]
-        return self.white.trace_inv(terms)
-
-    def root_matvec(self, z):
-        r""":math:`C\, W^{1/2} z` (:math:`W^{1/2}` the symmetric root)."""
-        return linalg.kron_matvec(self.noise_roots(), self.white.root_matvec(z))
-
-    def noise_root_matvec(self, z):
-        return self.sigma[..., None] * linalg.kron_matvec(self.noise_roots(), z)
-
-    def eigensystem(self):
-        return self.white.eigensystem()

@@ -5,132 +5,17 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from numpyro.distributions import Distribution, constraints
 from numpyro.distributions.util import validate_sample
 from numpyro.util import not_jax_tracer
 
-from kronjax import conditioning, linalg
+from kronjax import arguments, conditioning
 from kronjax.covariance import KroneckerCovariance
 from kronjax.marginal import KroneckerMarginal
 
 __all__ = ["KroneckerNormal"]
 
 _LOG_2PI = math.log(2 * math.pi)
-
-
-def _shape_error(arg: str, seen, expected: str) -> ValueError:
-    return ValueError(f"KroneckerNormal: {arg} has shape {tuple(seen)}; expected {expected}")
-
-
-def _as_real(arg: str, x) -> jax.Array:
-    """``x`` as an array of a real dtype kronjax computes in; TypeError naming ``arg`` else."""
-    x = jnp.asarray(x)
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-        raise TypeError(f"KroneckerNormal: {arg} has complex dtype {x.dtype}; expected real")
-    if x.dtype in (jnp.float16, jnp.bfloat16):
-        raise TypeError(
-            f"KroneckerNormal: {arg} has dtype {x.dtype}, which LAPACK's eigh and Cholesky do "
-            "not support; use float32 or float64"
-        )
-    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
-        raise TypeError(f"KroneckerNormal: {arg} has dtype {x.dtype}; expected a real number")
-    return x
-
-
-def _check_square(name: str, factors) -> tuple[jax.Array, ...]:
-    return tuple(
-        linalg.check_factors("KroneckerNormal", name, factors, square=True, convert=_as_real)
-    )
-
-
-def _check_evds(evds) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-    if not isinstance(evds, Sequence) or len(evds) == 0:
-        raise ValueError(
-            "KroneckerNormal: evds must be a non-empty sequence of (eigenvalues, "
-            "eigenvectors) pairs, e.g. [jnp.linalg.eigh(K) for K in covs]"
-        )
-    vals, vecs = [], []
-    for i, pair in enumerate(evds):
-        if not isinstance(pair, Sequence) or len(pair) != 2:
-            raise ValueError(
-                f"KroneckerNormal: evds[{i}] must be a pair (eigenvalues (..., n), "
-                f"eigenvectors (..., n, n)); got {type(pair).__name__}"
-                + (f" of length {len(pair)}" if isinstance(pair, Sequence) else "")
-            )
-        v, q = (
-            _as_real(f"evds[{i}] eigenvalues", pair[0]),
-            _as_real(f"evds[{i}] eigenvectors", pair[1]),
-        )
-        if q.ndim < 2 or q.shape[-1] != q.shape[-2] or q.shape[-1] == 0:
-            raise _shape_error(f"evds[{i}] eigenvectors", q.shape, "(..., n, n), n >= 1")
-        if v.ndim < 1 or v.shape[-1] != q.shape[-1]:
-            raise _shape_error(
-                f"evds[{i}] eigenvalues",
-                v.shape,
-                f"(..., {q.shape[-1]}) to match eigenvectors of shape {tuple(q.shape)}",
-            )
-        vals.append(v)
-        vecs.append(q)
-    return tuple(vals), tuple(vecs)
-
-
-def _check_noise(noise_factors, sizes) -> tuple[tuple, tuple[bool, ...]]:
-    """Shape-check ``noise_factors``: per axis None, a diagonal ``(..., n)`` or ``(..., n, n)``.
-
-    Returns the arrays (None kept) and, per axis, whether the entry is a matrix. An entry
-    whose trailing dims are ``(n, n)`` is a matrix, so a batch of ``n`` diagonals must be
-    passed as diagonal matrices.
-    """
-    if isinstance(noise_factors, jax.Array | np.ndarray) or not isinstance(noise_factors, Sequence):
-        raise ValueError(
-            "KroneckerNormal: noise_factors must be a sequence (list or tuple) with one "
-            f"entry per factor (None, (..., n_i) or (..., n_i, n_i)); got "
-            f"{type(noise_factors).__name__}"
-        )
-    if len(noise_factors) != len(sizes):
-        raise ValueError(
-            f"KroneckerNormal: noise_factors has {len(noise_factors)} entries; expected "
-            f"d = {len(sizes)}, one per factor of sizes {sizes} (None for identity)"
-        )
-    out, is_matrix = [], []
-    for i, (s, n) in enumerate(zip(noise_factors, sizes, strict=True)):
-        s = None if s is None else _as_real(f"noise_factors[{i}]", s)
-        matrix = s is not None and s.ndim >= 2 and s.shape[-2:] == (n, n)
-        if s is not None and not matrix and (s.ndim == 0 or s.shape[-1] != n):
-            raise _shape_error(
-                f"noise_factors[{i}]",
-                s.shape,
-                f"None, a diagonal (..., {n}) or a matrix "
-                f"(..., {n}, {n}): n_{i} = {n} is the size of factor {i}",
-            )
-        out.append(s)
-        is_matrix.append(matrix)
-    return tuple(out), tuple(is_matrix)
-
-
-def _batch_shape(loc, factors, sigma, factor_name: str, extra=()) -> tuple[int, ...]:
-    """Broadcast the batch dims of ``loc``, every factor, ``sigma`` and ``extra`` (pairs of
-    name and batch dims), naming a culprit."""
-    shape = tuple(jnp.shape(loc)[:-1])
-    parts = [(f"{factor_name}[{i}]", jnp.shape(f)[:-2]) for i, f in enumerate(factors)]
-    if sigma is not None:
-        parts.append(("sigma", jnp.shape(sigma)))
-    parts.extend(extra)
-    for name, part in parts:
-        try:
-            shape = jnp.broadcast_shapes(shape, tuple(part))
-        except ValueError:
-            raise ValueError(
-                f"KroneckerNormal: the batch dims {tuple(part)} of {name} do not broadcast "
-                f"with the batch shape {shape} of loc and the arguments before it"
-            ) from None
-    return shape
-
-
-def _tol(x, n: int) -> float:
-    """Round-off tolerance for symmetry and eigenvalue checks of an ``n × n`` factor."""
-    return 10 * n * float(jnp.finfo(x.dtype).eps) * float(jnp.max(jnp.abs(x), initial=0))
 
 
 class KroneckerNormal(Distribution):
@@ -147,9 +32,11 @@ class KroneckerNormal(Distribution):
     :math:`i_1 (n_2 \cdots n_d) + \dots + i_d` (row-major, as ``jnp.kron``), so a grid
     array ``y_grid`` of shape ``(..., n_1, …, n_d)`` is ``y_grid.reshape(..., N)``.
 
-    The factors are decomposed once, here: ``covs`` by ``eigh``; ``chols`` are used by
-    per-mode triangular solves when there is no noise and moved to the eigenbasis
-    otherwise; ``evds`` are used as given. Then ``log_prob`` costs
+    The covariance is factorized once, here, into ``self.covariance``, a
+    :class:`kronjax.KroneckerCovariance` that owns the route: ``covs`` by ``eigh``;
+    ``chols`` by per-mode triangular solves when there is no noise, moved to the eigenbasis
+    otherwise; ``evds`` as given. Every method below is one of its operations. Then
+    ``log_prob`` costs
     :math:`O(N \sum_i n_i)` after :math:`O(\sum_i n_i^3)`, and
     :math:`\partial \log p / \partial K_i` comes from a custom VJP that never
     differentiates eigenvectors (:func:`kronjax.linalg.kron_eig_logpdf`): exact and
@@ -236,30 +123,30 @@ class KroneckerNormal(Distribution):
                 + (", ".join(given) if given else "none")
             )
         if evds is not None:
-            eigvals, eigvecs = _check_evds(evds)
+            eigvals, eigvecs = arguments.eig_pairs(evds)
             factors = eigvecs
         else:
-            factors = _check_square(given[0], covs if covs is not None else chols)
+            factors = arguments.square_factors(given[0], covs if covs is not None else chols)
         sizes = tuple(f.shape[-1] for f in factors)
         n = math.prod(sizes)
 
-        loc = _as_real("loc", loc)
+        loc = arguments.as_real("loc", loc)
         if loc.ndim == 0:
             loc = jnp.broadcast_to(loc, (n,))
         if loc.shape[-1] != n:
-            raise _shape_error(
+            raise arguments.shape_error(
                 "loc", loc.shape, f"(..., {n}): N = {n} is the product of the factor sizes {sizes}"
             )
-        sigma = None if sigma is None else _as_real("sigma", sigma)
+        sigma = None if sigma is None else arguments.as_real("sigma", sigma)
         noise, noise_is_matrix = (
-            (None, None) if noise_factors is None else _check_noise(noise_factors, sizes)
+            (None, None) if noise_factors is None else arguments.noise_entries(noise_factors, sizes)
         )
         extra = [
             (f"noise_factors[{i}]", jnp.shape(a)[: -2 if m else -1])
             for i, (a, m) in enumerate(zip(noise or (), noise_is_matrix or (), strict=True))
             if a is not None
         ]
-        batch_shape = _batch_shape(loc, factors, sigma, given[0], extra)
+        batch_shape = arguments.broadcast_batch(loc, factors, sigma, given[0], extra)
 
         dtype = jnp.result_type(
             float,
@@ -308,7 +195,7 @@ class KroneckerNormal(Distribution):
         return jnp.broadcast_shapes(jnp.shape(self.loc)[:-1], self.covariance.batch_shape)
 
     def _check_value(self, value) -> jax.Array:
-        value = _as_real("value", value)
+        value = arguments.as_real("value", value)
         n = self.event_shape[0]
         if value.ndim == 0 or value.shape[-1] != n:
             raise ValueError(
@@ -414,8 +301,9 @@ class KroneckerNormal(Distribution):
     # -- validation -------------------------------------------------------------------
 
     def validate_args(self, strict: bool = True) -> None:
-        """Check values: finite, ``sigma >= 0``, factors symmetric PSD (PD without noise),
-        noise factors positive (diagonals) or symmetric positive definite (matrices)."""
+        """Check values (:func:`kronjax.arguments.validate_values`): finite, ``sigma >= 0``,
+        factors symmetric PSD (PD without noise), ``evds`` eigenvectors orthonormal, noise
+        factors positive (diagonals) or symmetric positive definite (matrices)."""
         leaves = jax.tree.leaves(
             (self.loc, self.sigma, self.covs, self.chols, self._evds, self.noise_factors)
         )
@@ -423,85 +311,4 @@ class KroneckerNormal(Distribution):
             if strict:
                 raise RuntimeError("Cannot validate arguments inside jitted code.")
             return
-        if not bool(jnp.all(jnp.isfinite(self.loc))):
-            raise ValueError("KroneckerNormal: loc has non-finite entries")
-        if self.sigma is not None and not bool(
-            jnp.all(jnp.isfinite(self.sigma) & (self.sigma >= 0))
-        ):
-            raise ValueError(f"KroneckerNormal: sigma must be finite and >= 0; got {self.sigma}")
-        # sigma = 0 adds no noise: the factors must then be positive definite
-        noise = self.sigma is not None and bool(jnp.all(self.sigma > 0))
-        if self.noise_factors is not None:
-            self._validate_noise()
-        name = "covs" if self.covs is not None else "chols" if self.chols is not None else "evds"
-        eigvals = self.covariance.factor_eigenvalues()
-        for i, f in enumerate(self.covs or self.chols or [q for _, q in self._evds]):
-            arg = f"{name}[{i}]"
-            if not bool(jnp.all(jnp.isfinite(f))) or (
-                self._evds is not None and not bool(jnp.all(jnp.isfinite(eigvals[i])))
-            ):
-                raise ValueError(f"KroneckerNormal: {arg} has non-finite entries")
-            if self.covs is not None:
-                asym = float(jnp.max(jnp.abs(f - jnp.swapaxes(f, -1, -2))))
-                if asym > _tol(f, f.shape[-1]):
-                    raise ValueError(
-                        f"KroneckerNormal: {arg} is not symmetric (max |K - Kᵀ| = {asym:.3g})"
-                    )
-            if self.chols is not None:
-                if bool(jnp.any(jnp.triu(f, 1) != 0)):
-                    raise ValueError(f"KroneckerNormal: {arg} is not lower triangular")
-                if not noise and bool(jnp.any(jnp.diagonal(f, axis1=-2, axis2=-1) == 0)):
-                    raise ValueError(
-                        f"KroneckerNormal: {arg} has a zero on its diagonal, so K_{i} is "
-                        "singular; without sigma every factor must be positive definite"
-                    )
-                continue
-            if self.covs is None:  # evds: the eigenvectors must be orthonormal
-                n_i = f.shape[-1]
-                gram = jnp.swapaxes(f, -1, -2) @ f - jnp.eye(n_i, dtype=f.dtype)
-                off = float(jnp.max(jnp.abs(gram)))
-                if off > 100 * n_i * float(jnp.finfo(f.dtype).eps):
-                    raise ValueError(
-                        f"KroneckerNormal: {arg} eigenvectors are not orthonormal "
-                        f"(max |QᵀQ - I| = {off:.3g})"
-                    )
-            vals = eigvals[i]
-            tol = _tol(vals, vals.shape[-1])
-            smallest = float(jnp.min(vals))
-            if smallest < -tol:
-                raise ValueError(
-                    f"KroneckerNormal: {arg} is not positive semi-definite "
-                    f"(smallest eigenvalue {smallest:.3g})"
-                )
-            if not noise and smallest <= tol:
-                raise ValueError(
-                    f"KroneckerNormal: {arg} is not positive definite (smallest eigenvalue "
-                    f"{smallest:.3g}); without sigma every factor must be positive "
-                    "definite: add jitter to the diagonal or give sigma"
-                )
-
-    def _validate_noise(self) -> None:
-        chols = self.covariance.noise_chols
-        for i, (a, c) in enumerate(zip(self.noise_factors, chols, strict=True)):
-            arg = f"noise_factors[{i}]"
-            if a is None:
-                continue
-            if not bool(jnp.all(jnp.isfinite(a))):
-                raise ValueError(f"KroneckerNormal: {arg} has non-finite entries")
-            if c is None:
-                if bool(jnp.any(a <= 0)):
-                    raise ValueError(
-                        f"KroneckerNormal: {arg} is a diagonal of noise variances and must be "
-                        f"> 0 (smallest entry {float(jnp.min(a)):.3g})"
-                    )
-                continue
-            asym = float(jnp.max(jnp.abs(a - jnp.swapaxes(a, -1, -2))))
-            if asym > _tol(a, a.shape[-1]):
-                raise ValueError(
-                    f"KroneckerNormal: {arg} is not symmetric (max |S - Sᵀ| = {asym:.3g})"
-                )
-            if not bool(jnp.all(jnp.isfinite(c))):
-                raise ValueError(
-                    f"KroneckerNormal: {arg} is not positive definite (its Cholesky "
-                    "factorization failed)"
-                )
+        arguments.validate_values(self)

@@ -69,3 +69,9 @@ def logpdf_grads(value, loc, covs, sigma):
         cov_grads.append(np.einsum(spec, *operands))
     sigma_grad = None if sigma is None else 2 * float(sigma) * np.trace(g)
     return cov_grads, sigma_grad, alpha, -alpha
+
+
+def spd(rng, n: int, jitter: float = 0.5) -> np.ndarray:
+    """A random symmetric positive definite ``n × n`` matrix, smallest eigenvalue >= jitter."""
+    a = rng.normal(size=(n, n))
+    return a @ a.T / n + jitter * np.eye(n)

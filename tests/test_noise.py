@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 import scipy.stats
 from conftest import RTOL
+from dense import spd
 from numpyro import handlers
 
 import kronjax
 from kronjax import KroneckerNormal
 
-
-def _spd(rng, n, jitter=0.5):
-    a = rng.normal(size=(n, n))
-    return a @ a.T / n + jitter * np.eye(n)
+_spd = spd
 
 
 def _dense_noise(entry, n):
