@@ -1,11 +1,13 @@
 r"""``KroneckerNormal``: a NumPyro distribution with Kronecker-structured covariance."""
 
+import copy
 import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from numpyro.distributions import Distribution, constraints
+from numpyro.distributions.batch_util import promote_batch_shape, vmap_over
 from numpyro.distributions.util import validate_sample
 from numpyro.util import not_jax_tracer
 
@@ -92,13 +94,13 @@ class KroneckerNormal(Distribution):
     multi-task Gaussian process inference with structured residuals*, NeurIPS.
     """
 
-    arg_constraints = {
+    arg_constraints = {  # event_dim: the core dims of one entry (a factor is a matrix)
         "loc": constraints.real_vector,
-        "covs": constraints.dependent(is_discrete=False),
-        "chols": constraints.dependent(is_discrete=False),
-        "evds": constraints.dependent(is_discrete=False),
-        "sigma": constraints.dependent(is_discrete=False),
-        "noise_factors": constraints.dependent(is_discrete=False),
+        "covs": constraints.dependent(is_discrete=False, event_dim=2),
+        "chols": constraints.dependent(is_discrete=False, event_dim=2),
+        "evds": constraints.dependent(is_discrete=False, event_dim=2),
+        "sigma": constraints.dependent(is_discrete=False, event_dim=0),
+        "noise_factors": constraints.dependent(is_discrete=False, event_dim=2),
     }
     support = constraints.real_vector
     reparametrized_params = ["loc", "covs", "chols", "evds", "sigma", "noise_factors"]
@@ -188,6 +190,31 @@ class KroneckerNormal(Distribution):
     def evds(self) -> tuple[tuple[jax.Array, jax.Array], ...] | None:
         """The ``(eigenvalues, eigenvectors)`` pairs when given as ``evds``, else None."""
         return self._evds
+
+    def get_args(self) -> dict:
+        """The parameters given (``loc``, one of ``covs``/``chols``/``evds``, ``sigma`` and
+        ``noise_factors`` when given), as passed to ``__init__``."""
+        names = ("loc", "covs", "chols", "evds", "sigma", "noise_factors")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+    @classmethod
+    def infer_shapes(
+        cls, loc=(), covs=None, chols=None, evds=None, sigma=None, noise_factors=None
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(batch_shape, event_shape)`` from the shapes of the arguments: ``loc`` a shape,
+        ``covs``/``chols`` a list of shapes, ``evds`` a list of (eigenvalue shape,
+        eigenvector shape) pairs, ``sigma`` a shape, ``noise_factors`` a list of shapes or
+        None (a shape ending in ``(n_i, n_i)`` is a matrix)."""
+        mats = covs or chols or [q for _, q in evds or ()]
+        sizes = [tuple(m)[-1] for m in mats]
+        parts = [tuple(loc)[:-1], *(tuple(m)[:-2] for m in mats)]
+        if sigma is not None:
+            parts.append(tuple(sigma))
+        for s, n in zip(noise_factors or (), sizes, strict=False):
+            if s is not None:
+                s = tuple(s)
+                parts.append(s[:-2] if s[-2:] == (n, n) else s[:-1])
+        return jnp.broadcast_shapes(*parts), (math.prod(sizes),)
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
@@ -312,3 +339,39 @@ class KroneckerNormal(Distribution):
                 raise RuntimeError("Cannot validate arguments inside jitted code.")
             return
         arguments.validate_values(self)
+
+
+@promote_batch_shape.register
+def _promote_batch_shape(d: KroneckerNormal):
+    """The batch shape is derived from the parameters (``KroneckerNormal.batch_shape``), so
+    promotion (NumPyro's ``scan``, ``vmap``) only records it."""
+    new = copy.copy(d)
+    new._batch_shape = d.batch_shape
+    return new
+
+
+@vmap_over.register
+def _vmap_over(d: KroneckerNormal, **axes):
+    """Axes for ``jax.vmap`` over a batched ``KroneckerNormal``: ``axes`` maps parameter names
+    (``loc``, ``covs``, ``chols``, ``evds``, ``sigma``, ``noise_factors``) to 0 or None.
+    The factorization's arrays (``d.covariance``) are mapped where they carry the batch axis,
+    found by building one member's distribution shapes (``jax.eval_shape``) and comparing."""
+
+    def core(name, a):  # the dims of one unbatched entry of parameter ``name``
+        if name == "noise_factors":
+            return 2 if jnp.ndim(a) >= 2 and jnp.shape(a)[-1] == jnp.shape(a)[-2] else 1
+        return {"loc": 1, "covs": 2, "chols": 2, "sigma": 0}[name]
+
+    def first(name, value):  # one member: the leading axis dropped where there is one
+        if name == "evds":  # pairs: eigenvalues (..., n), eigenvectors (..., n, n)
+            return [tuple(x[0] if jnp.ndim(x) > c else x for x, c in zip(p, (1, 2))) for p in value]
+        return jax.tree.map(lambda a: a[0] if jnp.ndim(a) > core(name, a) else a, value)
+
+    one = {k: first(k, v) if axes.get(k) == 0 else v for k, v in d.get_args().items()}
+    member = jax.eval_shape(lambda: KroneckerNormal(**one, validate_args=False))
+    full, treedef = jax.tree.flatten(d)
+    leaves = [
+        0 if jnp.ndim(a) > len(b.shape) else None
+        for a, b in zip(full, jax.tree.leaves(member), strict=True)
+    ]
+    return jax.tree.unflatten(treedef, leaves)

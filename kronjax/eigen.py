@@ -10,6 +10,7 @@ pattern extrapolation*.
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,31 @@ from kronjax.kron import (
 )
 
 _LOG_2PI = math.log(2 * math.pi)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _second_order(where: str, covs) -> jax.Array:
+    return jnp.zeros(())
+
+
+@_second_order.defjvp
+def _second_order_jvp(where, primals, tangents):
+    raise NotImplementedError(
+        f"kronjax: a second-order derivative through {where} w.r.t. the covariance factors "
+        "(covs, chols, evds, noise_factors, or what they are computed from, e.g. lengthscales) "
+        "is not supported: the custom VJP treats the eigenvectors as constants, so it would "
+        "be wrong. First-order gradients are exact; second order w.r.t. sigma, loc, the value "
+        "and cross-covariances is exact. Forward mode (jax.jvp, jacfwd) is not supported."
+    )
+
+
+def refuse_second_order(covs, where: str) -> None:
+    """Called in the forward pass of each custom VJP that carries factor gradients: when
+    that pass is itself differentiated w.r.t. the factors (``jax.hessian``,
+    ``jacrev(jacrev)``, ``jacfwd(grad)``), raise NotImplementedError instead of returning
+    the wrong second derivative; first-order use never differentiates the forward pass."""
+    _second_order(where, covs)
+
 
 # ----------------------------------------------------------------------------------
 # The eigen core. Per-example functions act on unbatched factors; the public wrappers
@@ -107,6 +133,7 @@ def _cov_logpdf(covs, eigvals, eigvecs, sigma2, r):
 
 
 def _cov_logpdf_fwd(covs, eigvals, eigvecs, sigma2, r):
+    refuse_second_order(covs, "the log density")
     logp, alpha, D = _eig_forward(eigvals, eigvecs, sigma2, r)
     return logp, (eigvals, eigvecs, alpha, D)
 
@@ -137,6 +164,7 @@ def _cov_logdet(covs, eigvals, eigvecs, sigma2):
 
 
 def _cov_logdet_fwd(covs, eigvals, eigvecs, sigma2):
+    refuse_second_order(covs, "the log determinant")
     D = spectrum(eigvals, sigma2)
     return jnp.sum(jnp.log(D)), (eigvals, eigvecs, D)
 
@@ -268,6 +296,7 @@ def _cov_solve(covs, eigvals, eigvecs, sigma2, r):
 
 
 def _cov_solve_fwd(covs, eigvals, eigvecs, sigma2, r):
+    refuse_second_order(covs, "the solve")
     sizes = tuple(v.shape[-1] for v in eigvals)
     D = spectrum(eigvals, sigma2)
     alpha = rotate(eigvecs, r.reshape(sizes), transpose=True) / D
@@ -301,6 +330,7 @@ def _cov_sqrt_matvec(covs, eigvals, eigvecs, sigma2, z):
 
 
 def _cov_sqrt_matvec_fwd(covs, eigvals, eigvecs, sigma2, z):
+    refuse_second_order(covs, "the symmetric root")
     return _eig_sqrt_matvec(eigvals, eigvecs, sigma2, z), (eigvals, eigvecs, sigma2, z)
 
 
@@ -408,6 +438,7 @@ def _psd_sqrt(cov, eigval, eigvec):
 
 
 def _psd_sqrt_fwd(cov, eigval, eigvec):
+    refuse_second_order(cov, "psd_sqrt (sampling roots)")
     return _psd_sqrt(cov, eigval, eigvec), (eigval, eigvec)
 
 

@@ -120,6 +120,7 @@ def _cov_grid_reduction(covs, eigvals, eigvecs, sigma2, kstars):
 
 
 def _cov_grid_reduction_fwd(covs, eigvals, eigvecs, sigma2, kstars):
+    linalg.refuse_second_order(covs, "the predictive variance")
     res = (eigvals, eigvecs, sigma2, kstars)
     return _grid_reduction(*res), res
 
@@ -163,6 +164,7 @@ def _cov_points_reduction(covs, eigvals, eigvecs, sigma2, kstars):
 
 
 def _cov_points_reduction_fwd(covs, eigvals, eigvecs, sigma2, kstars):
+    linalg.refuse_second_order(covs, "the predictive variance")
     res = (eigvals, eigvecs, sigma2, kstars)
     return _points_reduction(*res), res
 

@@ -104,69 +104,58 @@ def eigh(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     return _vectorized(_eigh_looped, "(n,n)->(n),(n,n)")(a)
 
 
-@jax.custom_vjp
+def _solve_one(l, b, trans: int):
+    r"""One (unbatched) triangular solve as a ``lax.custom_linear_solve``: the matrix enters
+    only through the product :math:`L x` (or :math:`L^\top x`), so derivatives of every order
+    and mode, and transposition, are JAX's own; the solves are the looped LAPACK calls."""
+    lower = jnp.tril(l)
+    mat = lower.T if trans else lower
+    return jax.lax.custom_linear_solve(
+        lambda x: mat @ x,
+        b,
+        solve=lambda _, r: _trsm_looped[trans](l, r),
+        transpose_solve=lambda _, r: _trsm_looped[1 - trans](l, r),
+    )
+
+
+@jax.custom_jvp
 def _cholesky(a):
     return _vectorized(_cholesky_looped, "(n,n)->(n,n)")(a)
 
 
-def _cholesky_fwd(a):
+@_cholesky.defjvp
+def _cholesky_jvp(primals, tangents):
+    r""":math:`dL = L\,\Phi(L^{-1}\, dA_s\, L^{-\top})`, :math:`dA_s` the symmetric part,
+    :math:`\Phi`: the lower triangle with the diagonal halved (Murray 2016). Built from
+    ``_cholesky`` itself and the linear solves, so it differentiates again."""
+    (a,), (da,) = primals, tangents
     l = _cholesky(a)
-    return l, l
-
-
-def _cholesky_bwd(l, l_bar):
-    r""":math:`\bar A = \tfrac12 (S + S^\top)`, :math:`S = L^{-\top} \Phi(L^\top \bar L) L^{-1}`,
-    :math:`\Phi`: the lower triangle with the diagonal halved (Murray 2016)."""
-    phi = jnp.tril(jnp.swapaxes(l, -1, -2) @ l_bar)
-    phi = phi - 0.5 * jnp.eye(l.shape[-1], dtype=l.dtype) * phi
-    s = solve_triangular(l, phi, trans=True)  # L⁻ᵀ Φ
-    s = solve_triangular(l, jnp.swapaxes(s, -1, -2), trans=True)  # L⁻ᵀ (L⁻ᵀ Φ)ᵀ = (L⁻ᵀ Φ L⁻¹)ᵀ
-    return (0.5 * (s + jnp.swapaxes(s, -1, -2)),)
-
-
-_cholesky.defvjp(_cholesky_fwd, _cholesky_bwd)
+    da = 0.5 * (da + jnp.swapaxes(da, -1, -2))
+    tmp = solve_triangular(l, da)  # L⁻¹ dA
+    phi = solve_triangular(l, jnp.swapaxes(tmp, -1, -2))  # L⁻¹ dA L⁻ᵀ (dA symmetric)
+    phi = jnp.tril(phi) - 0.5 * jnp.eye(l.shape[-1], dtype=l.dtype) * phi
+    return l, l @ phi
 
 
 def cholesky(a: jax.Array) -> jax.Array:
     r"""Lower-triangular :math:`L` with :math:`L L^\top = a` for symmetric positive definite
-    ``a`` ``(..., n, n)`` (NaN where ``a`` is not). Reverse-mode differentiable (the gradient
-    is symmetric, as ``jnp.linalg.cholesky``'s). Cost :math:`O(n^3)`."""
+    ``a`` ``(..., n, n)`` (NaN where ``a`` is not). Differentiable in every mode and order
+    (the derivative w.r.t. ``a`` is symmetric, as ``jnp.linalg.cholesky``'s). Cost
+    :math:`O(n^3)`."""
     a = jnp.asarray(a)
     if not _on_cpu():
         return jnp.linalg.cholesky(a)
     return _cholesky(a)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _solve(l, b, trans: int):
-    return _vectorized(_trsm_looped[trans], "(n,n),(n,m)->(n,m)")(l, b)
-
-
-def _solve_fwd(l, b, trans):
-    x = _solve(l, b, trans)
-    return x, (l, x)
-
-
-def _solve_bwd(trans, res, x_bar):
-    r"""For :math:`X = L^{-1} B`: :math:`\bar B = L^{-\top} \bar X`,
-    :math:`\bar L = -\operatorname{tril}(\bar B X^\top)`; for :math:`X = L^{-\top} B`:
-    :math:`\bar B = L^{-1} \bar X`, :math:`\bar L = -\operatorname{tril}(X \bar B^\top)`."""
-    l, x = res
-    b_bar = _solve(l, x_bar, 1 - trans)
-    first, second = (b_bar, x) if trans == 0 else (x, b_bar)
-    return -jnp.tril(first @ jnp.swapaxes(second, -1, -2)), b_bar
-
-
-_solve.defvjp(_solve_fwd, _solve_bwd)
-
-
 def solve_triangular(l: jax.Array, b: jax.Array, *, trans: bool = False) -> jax.Array:
     r"""Solve :math:`L X = B` (or :math:`L^\top X = B` with ``trans``) for lower-triangular
     ``l`` ``(..., n, n)`` and ``b`` ``(..., n, m)``; leading dims broadcast.
-    Only the lower triangle of ``l`` is read. Reverse-mode differentiable in both.
+    Only the lower triangle of ``l`` is read. Differentiable in both, every mode and order.
     Cost :math:`O(n^2 m)`."""
     l, b = jnp.asarray(l), jnp.asarray(b)
     if not _on_cpu():
         solve = partial(_jax_solve_triangular, lower=True, trans=int(trans))
         return _vectorized(solve, "(n,n),(n,m)->(n,m)")(l, b)
-    return _solve(l, b, int(trans))
+    solve = partial(_solve_one, trans=int(trans))
+    return _vectorized(solve, "(n,n),(n,m)->(n,m)")(l, b)

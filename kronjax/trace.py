@@ -8,7 +8,14 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from kronjax.eigen import contract_others, eig_args, other_eigvals, outer_tensor, spectrum
+from kronjax.eigen import (
+    contract_others,
+    eig_args,
+    other_eigvals,
+    outer_tensor,
+    refuse_second_order,
+    spectrum,
+)
 from kronjax.kron import check_eig, check_factors, fence, from_eigenbasis, per_example, sizes_sig
 
 # ----------------------------------------------------------------------------------
@@ -33,6 +40,7 @@ def _cov_trace(covs, eigvals, eigvecs, sigma2, terms):
 
 
 def _cov_trace_fwd(covs, eigvals, eigvecs, sigma2, terms):
+    refuse_second_order(covs, "the trace of A⁻¹ (KL divergence)")
     trace, rotated, diags, D = _trace_forward(eigvals, eigvecs, sigma2, terms)
     return trace, (eigvals, eigvecs, rotated, diags, D)
 
