@@ -2,7 +2,8 @@ r"""Structured linear algebra for Kronecker products, never forming the product.
 
 One namespace for :mod:`kronjax.kron` (products, diagonals, triangular solves, the grid
 layout), :mod:`kronjax.eigen` (the eigen cores with custom VJPs that never differentiate
-eigenvectors) and :mod:`kronjax.trace` (traces of :math:`A^{-1}` against Kronecker sums).
+eigenvectors), :mod:`kronjax.roots` (symmetric roots) and :mod:`kronjax.trace` (traces of
+:math:`A^{-1}` against Kronecker sums).
 Grid element :math:`(i_1, \dots, i_d)` sits at flat index
 :math:`i_1 (n_2 \cdots n_d) + \dots + i_d`, the order of ``jnp.kron``.
 """
@@ -11,9 +12,7 @@ from kronjax.eigen import (
     kron_eig_logdet,
     kron_eig_logpdf,
     kron_eig_solve,
-    kron_eig_sqrt_matvec,
     outer_tensor,
-    psd_sqrt,
     refuse_second_order,
     rest_weights,
     spectrum,
@@ -30,6 +29,7 @@ from kronjax.kron import (
     kron_solve_triangular,
     mode_product,
 )
+from kronjax.roots import kron_eig_sqrt_matvec, psd_sqrt
 from kronjax.trace import kron_eig_trace_inv
 
 __all__ = [
