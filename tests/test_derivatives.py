@@ -128,3 +128,26 @@ def test_second_order_wrt_sigma_with_noise_factors_is_exact(rng):
 
     for form in SECOND_ORDER.values():
         np.testing.assert_allclose(form(ours)(0.5), form(want)(0.5), rtol=1e-7)
+
+
+def test_second_order_wrt_cross_covariances_is_exact():
+    """gp.predict's mean and variance, twice differentiated w.r.t. a scale of K*_1."""
+    k1, k2 = rbf(X1, 0.3), rbf(X2, 0.4)
+    y = jnp.asarray(Y)
+    c1, c2 = rbf(X1, 0.3)[:3], rbf(X2, 0.4)[:2]
+    diags = [jnp.ones(3), jnp.ones(2)]
+
+    def ours(t):
+        d = KroneckerNormal(0.0, covs=[k1, k2], sigma=0.5)
+        mean, var = kronjax.gp.predict(d, y, [t * c1, c2], diags)
+        return jnp.sum(mean**2) + jnp.sum(var)
+
+    def want(t):
+        a = jnp.kron(k1, k2) + 0.25 * jnp.eye(120)
+        cross = jnp.kron(t * c1, c2)
+        mean = cross @ jnp.linalg.solve(a, y)
+        var = 1.0 - jnp.einsum("mn,nm->m", cross, jnp.linalg.solve(a, cross.T))
+        return jnp.sum(mean**2) + jnp.sum(var)
+
+    for form in SECOND_ORDER.values():
+        np.testing.assert_allclose(form(ours)(0.9), form(want)(0.9), rtol=1e-7)
