@@ -25,6 +25,7 @@ checked: it goes through the factor roots, which stay well-conditioned.
 """
 
 import functools
+import math
 import warnings
 
 import jax
@@ -32,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_batching import custom_vmap
 from numpyro.util import find_stack_level, not_jax_tracer
+
+from kronjax import lapack
 
 __all__ = ["ConditioningWarning", "condition_limit", "eig_condition", "check"]
 
@@ -49,9 +52,8 @@ def eig_condition(eigvals, sigma2) -> jax.Array:
     r""":math:`\kappa(\otimes_i K_i + \sigma^2 I)` from the factors' eigenvalues
     ``(..., n_i)`` (clipped at 0), batched; ``inf`` for a singular matrix."""
     vals = [jnp.maximum(v, 0) for v in eigvals]
-    largest = jnp.prod(jnp.stack(jnp.broadcast_arrays(*[jnp.max(v, -1) for v in vals])), 0)
-    smallest = jnp.prod(jnp.stack(jnp.broadcast_arrays(*[jnp.min(v, -1) for v in vals])), 0)
-    top, bottom = largest + sigma2, smallest + sigma2
+    top = math.prod(jnp.max(v, -1) for v in vals) + sigma2
+    bottom = math.prod(jnp.min(v, -1) for v in vals) + sigma2
     return jnp.where(bottom > 0, top / jnp.where(bottom > 0, bottom, 1), jnp.inf)
 
 
@@ -91,11 +93,6 @@ def check(cond: jax.Array, dtype, where: str, strict: bool) -> None:
     _reporter(where, jnp.dtype(dtype).name)(jax.lax.stop_gradient(cond))
 
 
-def _split_over_devices(x) -> bool:
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-    return bool(spec) and spec[0] is not None
-
-
 @functools.cache
 def _reporter(where: str, dtype: str):
     """Warn on the host only when the limit is passed (a ``lax.cond`` around the callback,
@@ -107,7 +104,7 @@ def _reporter(where: str, dtype: str):
 
     @custom_vmap
     def report(cond):
-        if _split_over_devices(cond):
+        if lapack.device_split(cond) is not None:
             jax.debug.callback(warn, cond, partitioned=True)
         else:
             bad = jnp.max(cond, initial=0.0) > limit

@@ -177,7 +177,7 @@ class KroneckerCovariance:
         raise NotImplementedError
 
     def signal_roots(self) -> tuple[jax.Array, ...]:
-        """Roots :math:`R_i R_i^\top = K_i` of the signal factors (small)."""
+        r"""Roots :math:`R_i R_i^\top = K_i` of the signal factors (small)."""
         raise NotImplementedError
 
     def factor_eigenvalues(self):

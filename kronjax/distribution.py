@@ -157,25 +157,23 @@ class KroneckerNormal(Distribution):
             *([] if sigma is None else [sigma]),
             *(a for a in noise or () if a is not None),
         )
-        cast = lambda xs: (
-            None
-            if xs is None
-            else tuple(  # noqa: E731
-                None if x is None else x.astype(dtype) for x in xs
-            )
-        )
+
+        def cast(xs):
+            return None if xs is None else tuple(None if x is None else x.astype(dtype) for x in xs)
+
         self.loc = loc.astype(dtype)
         self.covs = cast(None if covs is None else factors)
         self.chols = cast(None if chols is None else factors)
         self._evds = None if evds is None else tuple(zip(cast(eigvals), cast(eigvecs)))
         self.noise_factors = cast(noise)
-        sigma = None if sigma is None else sigma.astype(dtype)
-        if noise is not None and sigma is None:
-            sigma = jnp.ones((), dtype)
-        self.sigma = sigma
         self.covariance = KroneckerCovariance.from_factors(
-            self.covs, self.chols, self._evds, sigma, self.noise_factors
+            self.covs,
+            self.chols,
+            self._evds,
+            None if sigma is None else sigma.astype(dtype),
+            self.noise_factors,
         )
+        self.sigma = self.covariance.sigma  # 1 when only noise factors are given
         self._strict = validate_args is True  # an explicit request refuses ill-conditioning
         super().__init__(batch_shape, (n,), validate_args=validate_args)
 
@@ -247,15 +245,13 @@ class KroneckerNormal(Distribution):
         prediction check it against the dtype (:mod:`kronjax.conditioning`)."""
         return self.covariance.condition_number()
 
-    def check_conditioning(self, where: str) -> None:
+    def check_conditioning(self, where: str) -> jax.Array:
         """Refuse (``validate_args=True`` given) or warn once when :meth:`condition_number`
-        passes the dtype's limit; ``where`` names the operation in the message."""
-        conditioning.check(
-            self.condition_number(),
-            self.loc.dtype,
-            f"KroneckerNormal.{where}",
-            strict=self._strict,
-        )
+        passes the dtype's limit; ``where`` names the operation in the message. Returns
+        the condition number."""
+        cond = self.condition_number()
+        conditioning.check(cond, self.loc.dtype, f"KroneckerNormal.{where}", strict=self._strict)
+        return cond
 
     def solve(self, x: jax.Array) -> jax.Array:
         r""":math:`K^{-1} x` for ``x`` ``(..., N)``, :math:`O(N \sum_i n_i)`, never forming K;
@@ -357,15 +353,17 @@ def _vmap_over(d: KroneckerNormal, **axes):
     The factorization's arrays (``d.covariance``) are mapped where they carry the batch axis,
     found by building one member's distribution shapes (``jax.eval_shape``) and comparing."""
 
-    def core(name, a):  # the dims of one unbatched entry of parameter ``name``
-        if name == "noise_factors":
-            return 2 if jnp.ndim(a) >= 2 and jnp.shape(a)[-1] == jnp.shape(a)[-2] else 1
-        return {"loc": 1, "covs": 2, "chols": 2, "sigma": 0}[name]
+    def drop(a, core):  # one member: the leading axis dropped where there is one
+        return a if a is None or jnp.ndim(a) == core else a[0]
 
-    def first(name, value):  # one member: the leading axis dropped where there is one
+    def first(name, value):
         if name == "evds":  # pairs: eigenvalues (..., n), eigenvectors (..., n, n)
-            return [tuple(x[0] if jnp.ndim(x) > c else x for x, c in zip(p, (1, 2))) for p in value]
-        return jax.tree.map(lambda a: a[0] if jnp.ndim(a) > core(name, a) else a, value)
+            return [(drop(v, 1), drop(q, 2)) for v, q in value]
+        if name == "noise_factors":  # a matrix entry has a Cholesky factor, a diagonal not
+            chols = d.covariance.noise_chols
+            return [drop(a, 1 if c is None else 2) for a, c in zip(value, chols, strict=True)]
+        core = {"loc": 1, "covs": 2, "chols": 2, "sigma": 0}[name]
+        return [drop(a, core) for a in value] if isinstance(value, tuple) else drop(value, core)
 
     one = {k: first(k, v) if axes.get(k) == 0 else v for k, v in d.get_args().items()}
     member = jax.eval_shape(lambda: KroneckerNormal(**one, validate_args=False))

@@ -320,10 +320,10 @@ def predict(
         ``y`` but is broadcast to its batch dims); ``var`` is None without ``test_diags``.
     """
     y, kstars, diags = _check_inputs(dist, y, cross_covs, test_diags, grid)
-    dist.check_conditioning("predict")
+    cond = dist.check_conditioning("predict")
     cov = dist.covariance
     vals, vecs, covs = cov.eigensystem()
-    sigma2 = jnp.zeros((), dist.loc.dtype) if dist.sigma is None else jnp.square(dist.sigma)
+    sigma2 = jnp.asarray(cov.sigma2(), dist.loc.dtype)
     r = y - dist.loc
     if dist.noise_factors is not None:
         if pred_noise:
@@ -362,7 +362,7 @@ def predict(
     prior = linalg.kron_outer(diags) if grid else math.prod(diags)
     var = prior - red
     # Round-off of the reduction is about κε·prior: clip negatives of that size to 0
-    slack = 4 * float(jnp.finfo(var.dtype).eps) * dist.condition_number()[..., None] * prior
+    slack = 4 * float(jnp.finfo(var.dtype).eps) * cond[..., None] * prior
     var = jnp.where((var < 0) & (var >= -slack), 0, var)
     if pred_noise:
         var = var + sigma2[..., None]

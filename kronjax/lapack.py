@@ -30,22 +30,19 @@ from jax.custom_batching import custom_vmap
 from jax.scipy.linalg import solve_triangular as _jax_solve_triangular
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["eigh", "cholesky", "solve_triangular"]
+__all__ = ["eigh", "cholesky", "solve_triangular", "device_split"]
 
 
 def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _batch_split(args, in_batched):
-    """``(mesh, axis name)`` when the batched arguments are split over devices along their
-    leading axis by an explicit sharding, else None."""
-    for a, b in zip(args, in_batched, strict=True):
-        sharding = getattr(jax.typeof(a), "sharding", None)
-        spec = getattr(sharding, "spec", None)
-        if b and spec and spec[0] is not None:
-            return sharding.mesh, spec[0]
-    return None
+def device_split(x) -> tuple | None:
+    """``(mesh, axis name)`` when the leading axis of ``x`` is split over devices by an
+    explicit sharding (visible in its type while tracing), else None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    return (sharding.mesh, spec[0]) if spec and spec[0] is not None else None
 
 
 def _looped(fn):
@@ -65,7 +62,7 @@ def _looped(fn):
 
             return jax.lax.map(one, tuple(a for a, b in zip(args, in_batched) if b))
 
-        split = _batch_split(args, in_batched)
+        split = next((device_split(a) for a, b in zip(args, in_batched) if b), None)
         if split is not None:
             mesh, name = split
             specs = tuple(P(name) if b else P() for b in in_batched)
@@ -87,10 +84,6 @@ def _trsm(trans: int):
 _trsm_looped = {trans: _looped(_trsm(trans)) for trans in (0, 1)}
 
 
-def _vectorized(fn, signature: str):
-    return jnp.vectorize(fn, signature=signature)
-
-
 def eigh(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     r"""Eigenvalues (ascending) and eigenvectors of symmetric ``a`` ``(..., n, n)``.
 
@@ -101,7 +94,7 @@ def eigh(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     a = jax.lax.stop_gradient(jnp.asarray(a))
     if not _on_cpu():
         return tuple(jnp.linalg.eigh(a))
-    return _vectorized(_eigh_looped, "(n,n)->(n),(n,n)")(a)
+    return jnp.vectorize(_eigh_looped, signature="(n,n)->(n),(n,n)")(a)
 
 
 def _solve_one(l, b, trans: int):
@@ -120,7 +113,7 @@ def _solve_one(l, b, trans: int):
 
 @jax.custom_jvp
 def _cholesky(a):
-    return _vectorized(_cholesky_looped, "(n,n)->(n,n)")(a)
+    return jnp.vectorize(_cholesky_looped, signature="(n,n)->(n,n)")(a)
 
 
 @_cholesky.defjvp
@@ -156,6 +149,6 @@ def solve_triangular(l: jax.Array, b: jax.Array, *, trans: bool = False) -> jax.
     l, b = jnp.asarray(l), jnp.asarray(b)
     if not _on_cpu():
         solve = partial(_jax_solve_triangular, lower=True, trans=int(trans))
-        return _vectorized(solve, "(n,n),(n,m)->(n,m)")(l, b)
+        return jnp.vectorize(solve, signature="(n,n),(n,m)->(n,m)")(l, b)
     solve = partial(_solve_one, trans=int(trans))
-    return _vectorized(solve, "(n,n),(n,m)->(n,m)")(l, b)
+    return jnp.vectorize(solve, signature="(n,n),(n,m)->(n,m)")(l, b)

@@ -87,21 +87,19 @@ class WhitenedCovariance(KroneckerCovariance):
                 yield a, 1 if c is None else 2
 
     def noise_roots(self) -> tuple[jax.Array, ...]:
-        """Lower-triangular :math:`C_i` with :math:`C_i C_i^\top = S_i`."""
+        r"""Lower-triangular :math:`C_i` with :math:`C_i C_i^\top = S_i`."""
         return tuple(
             jnp.eye(n, dtype=self.dtype) if a is None else _diag_root(a) if c is None else c
             for a, c, n in zip(self.noise_factors, self.noise_chols, self.factor_sizes, strict=True)
         )
 
     def noise_mats(self):
-        return tuple(
-            jnp.eye(n, dtype=self.dtype)
-            if a is None
-            else a
-            if c is not None
-            else a[..., None] * jnp.eye(n, dtype=a.dtype)
-            for a, c, n in zip(self.noise_factors, self.noise_chols, self.factor_sizes, strict=True)
-        )
+        def dense(a, c, n):  # identity, the matrix given, or the diagonal given as a vector
+            if a is None:
+                return jnp.eye(n, dtype=self.dtype)
+            return a if c is not None else a[..., None] * jnp.eye(n, dtype=a.dtype)
+
+        return tuple(map(dense, self.noise_factors, self.noise_chols, self.factor_sizes))
 
     def _noise_half_logdet(self):
         roots = [

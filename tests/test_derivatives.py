@@ -151,3 +151,15 @@ def test_second_order_wrt_cross_covariances_is_exact():
 
     for form in SECOND_ORDER.values():
         np.testing.assert_allclose(form(ours)(0.9), form(want)(0.9), rtol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["jvp", "jacfwd"])
+def test_forward_mode_raises_rather_than_returning_a_number(mode):
+    """Forward mode is not supported through the custom VJPs: it raises, never a number."""
+    f = lambda t: dist(t).log_prob(jnp.asarray(Y))  # noqa: E731
+    call = {
+        "jvp": lambda: jax.jvp(f, (THETA,), (jnp.ones(3),)),
+        "jacfwd": lambda: jax.jacfwd(f)(THETA),
+    }[mode]
+    with pytest.raises((TypeError, NotImplementedError), match="forward-mode|second-order"):
+        call()
