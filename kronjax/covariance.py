@@ -248,7 +248,7 @@ def eigh_all(covs) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
 class EigenCovariance(KroneckerCovariance):
     r""":math:`A = \otimes K_i + \sigma^2 I = Q \operatorname{diag}(D) Q^\top`.
 
-    ``covs``, when given, carry the gradient through the custom VJPs (the eigenvectors are
+    ``covs``, when given, carry the derivatives through the custom rules (the eigenvectors are
     constants); without them (``evds``) autodiff runs through ``eigvals``/``eigvecs``.
     ``chols``, when given, are the sampling roots.
     """

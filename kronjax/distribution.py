@@ -40,7 +40,7 @@ class KroneckerNormal(Distribution):
     otherwise; ``evds`` as given. Every method below is one of its operations. Then
     ``log_prob`` costs
     :math:`O(N \sum_i n_i)` after :math:`O(\sum_i n_i^3)`, and
-    :math:`\partial \log p / \partial K_i` comes from a custom VJP that never
+    :math:`\partial \log p / \partial K_i` comes from a custom JVP that never
     differentiates eigenvectors (:func:`kronjax.linalg.kron_eig_logpdf`): exact and
     finite when factors have repeated eigenvalues, where autodiff through ``eigh`` fails.
 
@@ -80,7 +80,7 @@ class KroneckerNormal(Distribution):
     :math:`\log|\det C| = \sum_i (N/n_i) \sum \log \operatorname{diag} C_i`. The whitened
     factors go through the same eigen core, so the cost stays
     :math:`O(\sum_i n_i^3 + N \sum_i n_i)` and the gradient w.r.t. :math:`K_i` and
-    :math:`S_i` flows through the triangular solves of the whitening and the custom VJP
+    :math:`S_i` flows through the triangular solves of the whitening and the custom JVP
     of the core, never through ``eigh``. ``evds`` are turned into
     :math:`K_i = Q_i \operatorname{diag}(v_i) Q_i^\top` (small) and whitened, so the
     whitened factors are decomposed afresh (axes whose noise entry is None keep the given
@@ -214,11 +214,6 @@ class KroneckerNormal(Distribution):
                 parts.append(s[:-2] if s[-2:] == (n, n) else s[:-1])
         return jnp.broadcast_shapes(*parts), (math.prod(sizes),)
 
-    @property
-    def batch_shape(self) -> tuple[int, ...]:
-        # Derived from the parameters, so a distribution returned by ``jax.vmap`` is right.
-        return jnp.broadcast_shapes(jnp.shape(self.loc)[:-1], self.covariance.batch_shape)
-
     def _check_value(self, value) -> jax.Array:
         value = arguments.as_real("value", value)
         n = self.event_shape[0]
@@ -339,10 +334,12 @@ class KroneckerNormal(Distribution):
 
 @promote_batch_shape.register
 def _promote_batch_shape(d: KroneckerNormal):
-    """The batch shape is derived from the parameters (``KroneckerNormal.batch_shape``), so
-    promotion (NumPyro's ``scan``, ``vmap``) only records it."""
+    """The batch shape of a distribution stacked by ``jax.vmap`` or NumPyro's ``scan``, read
+    from its parameters. As for NumPyro's own distributions, ``batch_shape`` is stored, so
+    until promoted a stacked distribution keeps the per-member shape that
+    ``ExpandedDistribution`` (a ``plate``) promotes against."""
     new = copy.copy(d)
-    new._batch_shape = d.batch_shape
+    new._batch_shape = jnp.broadcast_shapes(jnp.shape(d.loc)[:-1], d.covariance.batch_shape)
     return new
 
 

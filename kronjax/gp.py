@@ -102,7 +102,11 @@ def _points_reduction(eigvals, eigvecs, sigma2, kstars):
 
 
 def _sum_map(fn, xs, init):
-    """``sum(fn(x) for x in xs)`` over the leading axis, one term at a time (memory of one)."""
+    """``sum(fn(x) for x in xs)`` over the leading axis, one term at a time (memory of one).
+
+    ``fn`` is rematerialized, so differentiating the sum (forward mode transposes the
+    reduction VJPs) never stacks a per-term residual into an ``M×N`` array."""
+    fn = jax.checkpoint(fn)
     step = lambda acc, x: (jax.tree.map(jnp.add, acc, fn(x)), None)
     return jax.lax.scan(step, init, xs)[0]
 
@@ -114,13 +118,15 @@ def _fixed_basis_vjp(fn, res, h):
     return vjp(h)
 
 
-@jax.custom_vjp
+_VARIANCE_2ND = "a second derivative of the predictive variance"
+
+
+@jax.custom_jvp
 def _cov_grid_reduction(covs, eigvals, eigvecs, sigma2, kstars):
     return _grid_reduction(eigvals, eigvecs, sigma2, kstars)
 
 
 def _cov_grid_reduction_fwd(covs, eigvals, eigvecs, sigma2, kstars):
-    linalg.refuse_second_order(covs, "the predictive variance")
     res = (eigvals, eigvecs, sigma2, kstars)
     return _grid_reduction(*res), res
 
@@ -155,16 +161,17 @@ def _cov_grid_reduction_bwd(res, h):
     return (tuple(cov_bars), *zeros, sigma2_bar, kstar_bars)
 
 
-_cov_grid_reduction.defvjp(_cov_grid_reduction_fwd, _cov_grid_reduction_bwd)
+_cov_grid_reduction.defjvp(
+    linalg.jvp_from_vjp(_cov_grid_reduction_fwd, _cov_grid_reduction_bwd, _VARIANCE_2ND)
+)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _cov_points_reduction(covs, eigvals, eigvecs, sigma2, kstars):
     return _points_reduction(eigvals, eigvecs, sigma2, kstars)
 
 
 def _cov_points_reduction_fwd(covs, eigvals, eigvecs, sigma2, kstars):
-    linalg.refuse_second_order(covs, "the predictive variance")
     res = (eigvals, eigvecs, sigma2, kstars)
     return _points_reduction(*res), res
 
@@ -191,7 +198,9 @@ def _cov_points_reduction_bwd(res, h):
     return (cov_bars, *zeros, sigma2_bar, kstar_bars)
 
 
-_cov_points_reduction.defvjp(_cov_points_reduction_fwd, _cov_points_reduction_bwd)
+_cov_points_reduction.defjvp(
+    linalg.jvp_from_vjp(_cov_points_reduction_fwd, _cov_points_reduction_bwd, _VARIANCE_2ND)
+)
 
 
 # ----------------------------------------------------------------------------------
@@ -288,7 +297,7 @@ def predict(
     ``MarginalKron.conditional`` adds ``mean_func(Xnew)``; kronjax has no mean function.
 
     Gradients w.r.t. every input are exact and finite, also for factors with repeated
-    eigenvalues: the eigendecompositions are never differentiated (custom VJPs through
+    eigenvalues: the eigendecompositions are never differentiated (custom rules through
     :func:`kronjax.linalg.kron_eig_solve` and the variance reduction; see
     ``kronjax.linalg``). Backward cost: :math:`O(N \sum_i m_i n_i)` for the grid
     variance, :math:`O(p N \sum_i n_i)` for the point variance w.r.t. the training

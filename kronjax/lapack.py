@@ -15,7 +15,7 @@ unbatched calls, and an unbatched call runs inline on the thread that makes it. 
 number of them may run concurrently, by construction, whatever the user's flags. The
 cost is that one batch's decompositions no longer spread over the cores; the matrix
 products around them still do (measured in ``bench/VMAP.md``). Elsewhere (GPU, TPU) the
-batched calls are kept. Reverse-mode derivatives come from custom VJPs built from the same
+batched calls are kept. Derivatives (every order and mode) come from rules built from the same
 safe calls; ``eigh`` is never differentiated (kronjax treats eigenvectors as constants).
 
 Calling ``jnp.linalg.eigh`` / ``cholesky`` on batches in your own code under ``vmap`` can
@@ -88,7 +88,7 @@ def eigh(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     r"""Eigenvalues (ascending) and eigenvectors of symmetric ``a`` ``(..., n, n)``.
 
     :math:`a = Q \operatorname{diag}(\lambda) Q^\top`. Not differentiated: the input's
-    gradient is stopped (kronjax's custom VJPs carry the factors' gradients instead).
+    gradient is stopped (kronjax's custom rules carry the factors' derivatives instead).
     Cost :math:`O(n^3)` per matrix.
     """
     a = jax.lax.stop_gradient(jnp.asarray(a))

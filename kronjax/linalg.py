@@ -1,19 +1,17 @@
 r"""Structured linear algebra for Kronecker products, never forming the product.
 
 One namespace for :mod:`kronjax.kron` (products, diagonals, triangular solves, the grid
-layout), :mod:`kronjax.eigen` (the eigen cores with custom VJPs that never differentiate
+layout), :mod:`kronjax.eigen` (the eigen cores, whose derivative rules never differentiate
 eigenvectors), :mod:`kronjax.roots` (symmetric roots) and :mod:`kronjax.trace` (traces of
 :math:`A^{-1}` against Kronecker sums).
 Grid element :math:`(i_1, \dots, i_d)` sits at flat index
 :math:`i_1 (n_2 \cdots n_d) + \dots + i_d`, the order of ``jnp.kron``.
 """
 
-from kronjax.eigen import (
-    kron_eig_logdet,
-    kron_eig_logpdf,
-    kron_eig_solve,
+from kronjax.eigen import kron_eig_logdet, kron_eig_logpdf, kron_eig_solve
+from kronjax.eigenbasis import (
+    jvp_from_vjp,
     outer_tensor,
-    refuse_second_order,
     rest_weights,
     spectrum,
     to_mode,
@@ -49,7 +47,7 @@ __all__ = [
     "mode_product",
     "outer_tensor",
     "psd_sqrt",
-    "refuse_second_order",
+    "jvp_from_vjp",
     "rest_weights",
     "spectrum",
     "to_mode",

@@ -15,12 +15,14 @@ ch. 5 (the incomplete-grid problem); the identities are the Schur complement of
 :math:`B`.
 """
 
+import copy
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro.distributions import Distribution, constraints
+from numpyro.distributions.batch_util import promote_batch_shape
 from numpyro.distributions.util import validate_sample
 
 from kronjax import lapack
@@ -90,10 +92,11 @@ class KroneckerMarginal(Distribution):
         + \log\det B_{mm} + n_o \log 2\pi\big),
 
     since :math:`B_{mo} r_o = u_m`. :math:`B_{mm}` comes from :math:`m` structured solves
-    :math:`B e_j`, done once here and Cholesky-factored. Every solve has the custom VJP of
-    :func:`kronjax.linalg.kron_eig_solve` (and the log det that of
-    :func:`kronjax.linalg.kron_eig_logdet`), so gradients w.r.t. the factors, ``sigma``,
-    the noise factors and ``loc`` are exact and never differentiate eigenvectors.
+    :math:`B e_j`, done once here and Cholesky-factored. Every solve is the implicit one of
+    :func:`kronjax.linalg.kron_eig_solve` (and the log det has the rules of
+    :func:`kronjax.linalg.kron_eig_logdet`), so first and second derivatives w.r.t. the
+    factors, ``sigma``, the noise factors and ``loc`` are exact, in forward and reverse
+    mode, and never differentiate eigenvectors.
 
     Cost: :math:`O(m N \sum_i n_i + m^3)` to build, memory :math:`O(m N)` (the m solves),
     then :math:`O(N \sum_i n_i + m^2)` per ``log_prob``; never an :math:`N \times N` array.
@@ -135,10 +138,6 @@ class KroneckerMarginal(Distribution):
         b_mm = jnp.moveaxis(cols[..., missing], 0, -2)
         return lapack.cholesky(0.5 * (b_mm + jnp.swapaxes(b_mm, -1, -2)))
 
-    @property
-    def batch_shape(self) -> tuple[int, ...]:
-        return self.base.batch_shape
-
     @validate_sample
     def log_prob(self, value) -> jax.Array:
         value = jnp.asarray(value)
@@ -172,3 +171,12 @@ class KroneckerMarginal(Distribution):
     @property
     def variance(self) -> jax.Array:
         return self.base.variance[..., np.asarray(self.observed)]
+
+
+@promote_batch_shape.register
+def _promote_batch_shape(d: KroneckerMarginal):
+    """Promote the base (see ``KroneckerNormal``'s rule) and take its batch shape."""
+    new = copy.copy(d)
+    new.base = promote_batch_shape(d.base)
+    new._batch_shape = new.base.batch_shape
+    return new

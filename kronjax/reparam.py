@@ -27,7 +27,7 @@ class KroneckerReparam(Reparam):
     - with noise: the symmetric eigen root :math:`R = Q \operatorname{diag}(\sqrt D) Q^\top`,
       :math:`D = \otimes \lambda_i + \sigma^2` (:func:`kronjax.linalg.kron_eig_sqrt_matvec`).
       It is a smooth function of the factors, so NUTS moving the hyperparameters moves
-      :math:`f` smoothly, and its custom VJP never differentiates eigenvectors.
+      :math:`f` smoothly, and its derivative rule never differentiates eigenvectors.
 
     ``z`` has the event shape ``(N,)`` of ``f`` and the site's full batch shape (plates,
     ``expand``, ``to_event`` are kept, as in NumPyro's ``LocScaleReparam``). Cost

@@ -1,6 +1,6 @@
 r"""Square roots in the eigenbasis: the symmetric root of
 :math:`A = K_1 \otimes \dots \otimes K_d + \sigma^2 I` (the whitened parameterization of a
-latent site) and the symmetric root of one factor (sampling), each with a custom VJP that
+latent site) and the symmetric root of one factor (sampling), each with a derivative rule that
 solves a Sylvester equation in the eigenbasis and never differentiates eigenvectors.
 Re-exported by :mod:`kronjax.linalg`.
 """
@@ -10,14 +10,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from kronjax.eigen import (
-    eig_vectorized,
-    refuse_second_order,
-    rest_weights,
-    rotate,
-    spectrum,
-    to_mode,
-)
+from kronjax.eigen import eig_vectorized
+from kronjax.eigenbasis import jvp_from_vjp, rest_weights, rotate, spectrum, to_mode
 from kronjax.kron import from_eigenbasis
 
 
@@ -27,13 +21,12 @@ def _eig_sqrt_matvec(eigvals, eigvecs, sigma2, z):
     return rotate(eigvecs, jnp.sqrt(spectrum(eigvals, sigma2)) * zt, False).reshape(-1)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _cov_sqrt_matvec(covs, eigvals, eigvecs, sigma2, z):
     return _eig_sqrt_matvec(eigvals, eigvecs, sigma2, z)
 
 
 def _cov_sqrt_matvec_fwd(covs, eigvals, eigvecs, sigma2, z):
-    refuse_second_order(covs, "the symmetric root")
     return _eig_sqrt_matvec(eigvals, eigvecs, sigma2, z), (eigvals, eigvecs, sigma2, z)
 
 
@@ -61,7 +54,11 @@ def _cov_sqrt_matvec_bwd(res, g):
     return (tuple(cov_bars), *zeros, sigma2_bar, z_bar)
 
 
-_cov_sqrt_matvec.defvjp(_cov_sqrt_matvec_fwd, _cov_sqrt_matvec_bwd)
+_cov_sqrt_matvec.defjvp(
+    jvp_from_vjp(
+        _cov_sqrt_matvec_fwd, _cov_sqrt_matvec_bwd, "a second derivative of the symmetric root"
+    )
+)
 
 
 def kron_eig_sqrt_matvec(
@@ -98,14 +95,13 @@ def kron_eig_sqrt_matvec(
     return eig_vectorized(_eig_sqrt_matvec, _cov_sqrt_matvec, eigvals, eigvecs, sigma2, covs, z)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _psd_sqrt(cov, eigval, eigvec):
     s = jnp.sqrt(jnp.maximum(eigval, 0))
     return (eigvec * s[..., None, :]) @ jnp.swapaxes(eigvec, -1, -2)
 
 
 def _psd_sqrt_fwd(cov, eigval, eigvec):
-    refuse_second_order(cov, "psd_sqrt (sampling roots)")
     return _psd_sqrt(cov, eigval, eigvec), (eigval, eigvec)
 
 
@@ -120,7 +116,9 @@ def _psd_sqrt_bwd(res, root_bar):
     return from_eigenbasis(eigvec, m), jnp.zeros_like(eigval), jnp.zeros_like(eigvec)
 
 
-_psd_sqrt.defvjp(_psd_sqrt_fwd, _psd_sqrt_bwd)
+_psd_sqrt.defjvp(
+    jvp_from_vjp(_psd_sqrt_fwd, _psd_sqrt_bwd, "a second derivative of psd_sqrt (sampling)")
+)
 
 
 def psd_sqrt(cov: jax.Array, eigval: jax.Array, eigvec: jax.Array) -> jax.Array:

@@ -1,5 +1,5 @@
 r"""The trace of :math:`A^{-1}` against sums of small Kronecker products (KL divergences),
-:math:`A = K_1 \otimes \dots \otimes K_d + \sigma^2 I`, with a custom VJP that never
+:math:`A = K_1 \otimes \dots \otimes K_d + \sigma^2 I`, with a custom JVP that never
 differentiates eigenvectors. Re-exported by :mod:`kronjax.linalg`.
 """
 
@@ -8,12 +8,12 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from kronjax.eigen import (
+from kronjax.eigenbasis import (
     contract_others,
     eig_args,
+    jvp_from_gradient,
     other_eigvals,
     outer_tensor,
-    refuse_second_order,
     spectrum,
 )
 from kronjax.kron import check_eig, check_factors, fence, from_eigenbasis, per_example, sizes_sig
@@ -34,19 +34,13 @@ def _eig_trace(eigvals, eigvecs, sigma2, terms):
     return _trace_forward(eigvals, eigvecs, sigma2, terms)[0]
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _cov_trace(covs, eigvals, eigvecs, sigma2, terms):
     return _eig_trace(eigvals, eigvecs, sigma2, terms)
 
 
-def _cov_trace_fwd(covs, eigvals, eigvecs, sigma2, terms):
-    refuse_second_order(covs, "the trace of A⁻¹ (KL divergence)")
+def _trace_value_and_grad(covs, eigvals, eigvecs, sigma2, terms):
     trace, rotated, diags, D = _trace_forward(eigvals, eigvecs, sigma2, terms)
-    return trace, (eigvals, eigvecs, rotated, diags, D)
-
-
-def _cov_trace_bwd(res, g):
-    eigvals, eigvecs, rotated, diags, D = res
     d = len(eigvals)
     cov_bars = [jnp.zeros_like(q) for q in eigvecs]
     term_bars = []
@@ -56,16 +50,18 @@ def _cov_trace_bwd(res, g):
         for i, (q, c) in enumerate(zip(eigvecs, contract_others(1 / D, ds))):
             rest = tuple(j for j in range(d) if j != i)
             others = outer_tensor([jnp.ones_like(v) if j == i else v for j, v in enumerate(ds)])
-            bars.append(fence((q * (g * c)) @ q.T))
+            bars.append(fence((q * c) @ q.T))
             H = jnp.tensordot(others * other_eigvals(eigvals, i) / D, 1 / D, axes=(rest, rest))
-            cov_bars[i] = cov_bars[i] - from_eigenbasis(q, g * ms[i].T * fence(H))
+            cov_bars[i] = cov_bars[i] - from_eigenbasis(q, ms[i].T * fence(H))
         term_bars.append(tuple(bars))
-        sigma2_bar = sigma2_bar - g * jnp.sum(outer_tensor(ds) / (D * D))
+        sigma2_bar = sigma2_bar - jnp.sum(outer_tensor(ds) / (D * D))
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
-    return (tuple(cov_bars), *zeros, sigma2_bar, tuple(term_bars))
+    return trace, (tuple(cov_bars), *zeros, sigma2_bar, tuple(term_bars))
 
 
-_cov_trace.defvjp(_cov_trace_fwd, _cov_trace_bwd)
+_cov_trace.defjvp(
+    jvp_from_gradient(_trace_value_and_grad, "a second derivative of the trace of A⁻¹ (KL)")
+)
 
 
 def kron_eig_trace_inv(

@@ -11,6 +11,7 @@ import scipy.stats
 from conftest import RTOL
 from dense import spd
 from numpyro import handlers
+from numpyro.distributions.batch_util import promote_batch_shape
 
 import kronjax
 from kronjax import KroneckerNormal
@@ -239,12 +240,12 @@ def test_pytree_round_trips(rng):
     np.testing.assert_allclose(log_prob(d_jit), want, rtol=RTOL)
 
     _, stacked = jax.lax.scan(lambda c, _: (c, c), d, None, length=2)
-    assert stacked.batch_shape == (2,)
+    assert promote_batch_shape(stacked).batch_shape == (2,)
     np.testing.assert_allclose(log_prob(stacked), [want, want], rtol=RTOL)
 
     scales = np.array([0.5, 1.0, 2.0])
     make = lambda a: KroneckerNormal(np.zeros(6), covs=covs, noise_factors=[a * noise[0], None])
-    batched = jax.jit(jax.vmap(make))(scales)
+    batched = promote_batch_shape(jax.jit(jax.vmap(make))(scales))
     assert batched.batch_shape == (3,)
     want = [
         scipy.stats.multivariate_normal(

@@ -8,6 +8,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 from conftest import DTYPE, RTOL
+from numpyro.distributions.batch_util import promote_batch_shape
 from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
 from numpyro.infer.autoguide import AutoDelta
 
@@ -75,8 +76,11 @@ def test_vmap_over_constructor_from_batched_hyperparameter():
     values = jax.vmap(lambda t: grid_dist(t).log_prob(Y))(thetas)
     expected = [dense_logp(np.asarray(t), Y) for t in thetas]
     np.testing.assert_allclose(values, expected, rtol=RTOL)
-    # a distribution returned from vmap carries the new batch dim
+    # a distribution returned from vmap carries the new batch dim once promoted, as
+    # NumPyro's own distributions do (the stored shape is the member's until then)
     batched = jax.vmap(grid_dist)(thetas)
+    assert batched.batch_shape == ()
+    batched = promote_batch_shape(batched)
     assert batched.batch_shape == (3,)
     np.testing.assert_allclose(batched.log_prob(Y), expected, rtol=RTOL)
     assert batched.sample(jax.random.PRNGKey(0), (2,)).shape == (2, 3, 30)
@@ -102,7 +106,7 @@ def test_scan_and_map_carry_the_distribution():
     assert isinstance(carry, KroneckerNormal)
     np.testing.assert_allclose(out, d.log_prob(ys), rtol=RTOL)
     thetas = jnp.stack([THETA, 1.2 * THETA])
-    mapped = jax.lax.map(grid_dist, thetas)
+    mapped = promote_batch_shape(jax.lax.map(grid_dist, thetas))
     assert mapped.batch_shape == (2,)
     np.testing.assert_allclose(
         mapped.log_prob(Y), [dense_logp(np.asarray(t), Y) for t in thetas], rtol=RTOL
