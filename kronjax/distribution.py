@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from numpyro.distributions import Distribution, constraints
 from numpyro.distributions.batch_util import promote_batch_shape, vmap_over
 from numpyro.distributions.util import validate_sample
@@ -13,11 +14,18 @@ from numpyro.util import not_jax_tracer
 
 from kronjax import arguments, conditioning
 from kronjax.covariance import KroneckerCovariance
-from kronjax.marginal import KroneckerMarginal
+from kronjax.incomplete import IterativeMarginal
+from kronjax.marginal import KroneckerMarginal, observed_indices
 
 __all__ = ["KroneckerNormal"]
 
 _LOG_2PI = math.log(2 * math.pi)
+
+#: ``marginal(method="auto")`` takes the exact route up to this many missing cells: the
+#: measured crossover (``bench/INCOMPLETE.md``: the exact route is faster up to m ≈ 500 at
+#: 64×48 and m ≈ 1,000 at 128×128, and stays within 1.5× of the iterative one to here),
+#: and the exact route is exact where the iterative log determinant is an estimate.
+AUTO_EXACT_MAX_MISSING = 1024
 
 
 class KroneckerNormal(Distribution):
@@ -254,16 +262,48 @@ class KroneckerNormal(Distribution):
         self.check_conditioning("solve")
         return self.covariance.solve(x)
 
-    def marginal(self, observed) -> KroneckerMarginal:
-        r"""The exact marginal distribution of the cells at ``observed``.
+    def marginal(self, observed=None, method: str = "auto", *, cell_noise=None, **options):
+        r"""The marginal distribution of the cells at ``observed`` (all cells when None),
+        optionally with per-cell noise variances ``cell_noise`` ``(..., N)`` added.
 
         ``observed`` is a concrete boolean mask ``(N,)`` or an array of unique flat
         indices; the result has ``event_shape == (n_obs,)`` and serves as the likelihood
         of an incomplete grid: ``numpyro.sample("y", dist.marginal(mask), obs=y[mask])``.
-        Exact, :math:`O(m N \sum_i n_i + m^3)` for m missing cells, never an
-        :math:`N \times N` array; see :class:`kronjax.marginal.KroneckerMarginal`.
+        Never an :math:`N \times N` array. Two routes:
+
+        * ``"exact"``: :class:`kronjax.marginal.KroneckerMarginal`,
+          :math:`O(m N \sum_i n_i + m^3)` for m missing cells, memory :math:`O(m N)`;
+          no ``cell_noise``.
+        * ``"iterative"``: :class:`kronjax.incomplete.IterativeMarginal`, preconditioned
+          conjugate gradients and stochastic Lanczos quadrature, :math:`O(N \sum_i n_i)`
+          per operator application, memory :math:`O(N \cdot \text{probes})`; ``options``
+          (``tol``, ``max_iters``, ``probes``, ``lanczos_steps``, ``key``) go to it.
+        * ``"auto"`` (default): ``"iterative"`` when ``cell_noise`` is given or more than
+          ``AUTO_EXACT_MAX_MISSING`` (1,024) cells are missing (the measured crossover,
+          ``bench/INCOMPLETE.md``), else ``"exact"``.
         """
-        return KroneckerMarginal(self, observed, validate_args=self._validate_args)
+        n = self.event_shape[0]
+        obs = np.arange(n) if observed is None else observed_indices(observed, n)
+        if method not in ("auto", "exact", "iterative"):
+            raise ValueError(
+                f"KroneckerNormal.marginal: method = {method!r}; expected 'auto', 'exact' "
+                "or 'iterative'"
+            )
+        missing = n - obs.size
+        if method == "auto":
+            iterative = cell_noise is not None or missing > AUTO_EXACT_MAX_MISSING
+            method = "iterative" if iterative else "exact"
+        if method == "exact":
+            if cell_noise is not None or options:
+                given = sorted(options) + ["cell_noise"] * (cell_noise is not None)
+                raise ValueError(
+                    "KroneckerNormal.marginal: the exact route takes no cell_noise or solver "
+                    f"options (got {given}); use method='iterative'"
+                )
+            return KroneckerMarginal(self, obs, validate_args=self._validate_args)
+        return IterativeMarginal(
+            self, obs, cell_noise=cell_noise, validate_args=self._validate_args, **options
+        )
 
     def log_prob(self, value) -> jax.Array:
         return self._log_prob(self._check_value(value))

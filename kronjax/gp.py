@@ -29,6 +29,7 @@ import numpy as np
 
 from kronjax import linalg
 from kronjax.distribution import KroneckerNormal
+from kronjax.incomplete import IterativeMarginal
 from kronjax.linalg import (
     from_eigenbasis,
     mode_product,
@@ -306,8 +307,12 @@ def predict(
     ``grad``; leading dims of ``dist``, ``y``, ``cross_covs`` and ``test_diags`` broadcast.
 
     Args:
-        dist: the training ``KroneckerNormal`` (any parameterization, batch shape ``b``).
-        y: observations ``(..., N)`` in the flattening order of the grid.
+        dist: the training ``KroneckerNormal`` (any parameterization, batch shape ``b``),
+            or the ``IterativeMarginal`` of an incomplete grid
+            (``dist.marginal(observed, method="iterative")``; see
+            :meth:`kronjax.incomplete.IterativeMarginal.predict`).
+        y: observations ``(..., N)`` in the flattening order of the grid (for an
+            incomplete grid, ``(n_obs,)`` at the observed cells).
         cross_covs: ``[K*_1, …, K*_d]``, ``K*_i = k_i(X*_i, X_i)`` of shape
             ``(..., m_i, n_i)``; with ``grid=False`` every ``m_i`` equals ``p``.
         test_diags: ``[diag k_i(X*_i, X*_i)]``, shapes ``(..., m_i)``; when None only the
@@ -328,6 +333,8 @@ def predict(
         ``(..., p)`` (points), with the same leading dims (``var`` does not depend on
         ``y`` but is broadcast to its batch dims); ``var`` is None without ``test_diags``.
     """
+    if isinstance(dist, IterativeMarginal):
+        return dist.predict(y, cross_covs, test_diags, pred_noise=pred_noise, grid=grid)
     y, kstars, diags = _check_inputs(dist, y, cross_covs, test_diags, grid)
     cond = dist.check_conditioning("predict")
     cov = dist.covariance

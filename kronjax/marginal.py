@@ -32,7 +32,7 @@ __all__ = ["KroneckerMarginal"]
 _LOG_2PI = math.log(2 * math.pi)
 
 
-def _observed_indices(observed, n: int) -> np.ndarray:
+def observed_indices(observed, n: int) -> np.ndarray:
     """Turn a boolean mask ``(N,)`` or an integer index array into unique indices."""
     if isinstance(observed, jax.core.Tracer):
         raise ValueError(
@@ -120,7 +120,7 @@ class KroneckerMarginal(Distribution):
 
     def __init__(self, base, observed, *, validate_args: bool | None = None):
         n = base.event_shape[0]
-        obs = _observed_indices(observed, n)
+        obs = observed_indices(observed, n)
         missing = np.setdiff1d(np.arange(n), obs)
         self.base = base
         self.observed = tuple(obs.tolist())
