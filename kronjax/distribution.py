@@ -21,11 +21,12 @@ __all__ = ["KroneckerNormal"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
-#: ``marginal(method="auto")`` takes the exact route up to this many missing cells: the
-#: measured crossover (``bench/INCOMPLETE.md``: the exact route is faster up to m ≈ 500 at
-#: 64×48 and m ≈ 1,000 at 128×128, and stays within 1.5× of the iterative one to here),
-#: and the exact route is exact where the iterative log determinant is an estimate.
-AUTO_EXACT_MAX_MISSING = 1024
+#: ``marginal(method="auto")`` takes the exact route up to this many missing cells, and
+#: while the exact route's m × N solves stay under ``AUTO_EXACT_MAX_CELLS`` entries. Measured
+#: (``bench/INCOMPLETE.md``): equal times at m ≈ 670 (64×48), 750 (128×128) and 800
+#: (256×256); the exact route's peak memory is 8–27 × m·N doubles.
+AUTO_EXACT_MAX_MISSING = 768
+AUTO_EXACT_MAX_CELLS = 2**24
 
 
 class KroneckerNormal(Distribution):
@@ -279,8 +280,9 @@ class KroneckerNormal(Distribution):
           per operator application, memory :math:`O(N \cdot \text{probes})`; ``options``
           (``tol``, ``max_iters``, ``probes``, ``lanczos_steps``, ``key``) go to it.
         * ``"auto"`` (default): ``"iterative"`` when ``cell_noise`` is given or more than
-          ``AUTO_EXACT_MAX_MISSING`` (1,024) cells are missing (the measured crossover,
-          ``bench/INCOMPLETE.md``), else ``"exact"``.
+          ``AUTO_EXACT_MAX_MISSING`` (768) cells are missing or ``m·N`` exceeds
+          ``AUTO_EXACT_MAX_CELLS`` (2²⁴) (the measured crossover and the exact route's
+          memory, ``bench/INCOMPLETE.md``), else ``"exact"``.
         """
         n = self.event_shape[0]
         obs = np.arange(n) if observed is None else observed_indices(observed, n)
@@ -291,7 +293,11 @@ class KroneckerNormal(Distribution):
             )
         missing = n - obs.size
         if method == "auto":
-            iterative = cell_noise is not None or missing > AUTO_EXACT_MAX_MISSING
+            iterative = (
+                cell_noise is not None
+                or missing > AUTO_EXACT_MAX_MISSING
+                or missing * n > AUTO_EXACT_MAX_CELLS
+            )
             method = "iterative" if iterative else "exact"
         if method == "exact":
             if cell_noise is not None or options:
