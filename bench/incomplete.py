@@ -43,7 +43,7 @@ SWEEP_M = (64, 256, 512, 1024, 2048, 3000)
 EXACT_MAX_M, DENSE_MAX_N, CALL_CAP_S = 3000, 6000, 60.0
 MATCHED = dict(tol=1e-2, probes=10, lanczos_steps=20)  # GPyTorch's under use_iterative_methods
 SWEEP_MAX_MN = 7e7  # the exact route peaks near 10 m N doubles (2 GB at m 1638, N 16384)
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))  # outputs go here; jobs run from its parent
 
 
 def problem(sizes, m):
@@ -155,7 +155,8 @@ def measure(job):
 
 def run_job(job):
     cmd = [sys.executable, "-m", "bench.incomplete", "--one", json.dumps(job)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(HERE))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     try:
         return dict(job, **json.loads(proc.stdout.strip().splitlines()[-1]))
     except (IndexError, json.JSONDecodeError):
@@ -207,16 +208,16 @@ def run_all(quick):
 
 
 def crossover(points):
-    """Per grid, the m where the exact/iterative time ratio crosses 1 (log-log interpolation)."""
+    """Per grid, the m where exact/iterative time = 1, by a least-squares line through
+    log(ratio) vs log(m) over m ≥ 256 (below that fixed costs dominate); only where the
+    measured ratios straddle 1."""
     out = {}
     for grid in sorted({tuple(g) for g, _, _ in points}):
-        pts = sorted((m, q) for g, m, q in points if tuple(g) == grid and q)
-        lo = [(m, q) for m, q in pts if q < 1]
-        hi = [(m, q) for m, q in pts if q >= 1 and lo and m > lo[-1][0]]
-        if lo and hi:
-            (m0, q0), (m1, q1) = lo[-1], hi[0]
-            t = math.log(q0) / math.log(q0 / q1)
-            out[f"{grid[0]}×{grid[1]}"] = round(m0 * (m1 / m0) ** t)
+        pts = [(math.log(m), math.log(q)) for g, m, q in points if tuple(g) == grid and q
+               and m >= 256]
+        if len(pts) > 1 and min(q for _, q in pts) < 0 < max(q for _, q in pts):
+            slope, icpt = np.polyfit(*zip(*pts), 1)
+            out[f"{grid[0]}×{grid[1]}"] = round(math.exp(-icpt / slope))
     return out
 
 
@@ -237,15 +238,20 @@ def observations(rows, sweep, cross):
     now = f"{kd.AUTO_EXACT_MAX_MISSING}" + (f" and m·N ≤ {cells}" if cells else "")
     span = lambda xs, f=".2f": f"{min(xs):{f}}–{max(xs):{f}}" if xs else "—"  # noqa: E731
     at = lambda m: [p["ratio"] for p in sweep if p["m"] == m and p["ratio"]]  # noqa: E731
-    rec = 256 * round(statistics.median(cross.values()) / 256) if cross else None
+    lo, hi = (min(cross.values()), max(cross.values())) if cross else (0, 0)
+    rec = [k for k in range(256, 4097, 256) if lo <= k <= hi] or (
+        [256 * round(statistics.median(cross.values()) / 256)] if cross else ["? (no crossover)"])
+    loads = [x["load"] for d in rows + sweep for x in d.values() if isinstance(x, dict)
+             and "load" in x]
     big = max((p for p in sweep if ok(p["exact"])), key=lambda p: p["m"] * p["N"], default=None)
-    text = ("**Exact vs iterative.** Equal times (log-log interpolation of the sweep) at "
-            + ", ".join(f"m ≈ {m} on {g}" for g, m in cross.items())
+    text = ("**Exact vs iterative.** Equal times (log-log fit over the sweep, m ≥ 256) at "
+            + (", ".join(f"m ≈ {m} on {g}" for g, m in cross.items()) or "no swept m")
             + f": the crossover in m hardly moves with N, as both routes cost O(N Σn_i) per "
             f"missing cell or per operator application. Exact takes {span(at(512))} × the "
             f"iterative time at m = 512 and {span(at(1024))} × at m = 1024, and it is exact, "
             "while the iterative gradient is off by the relative errors in the tables. So "
-            f"`AUTO_EXACT_MAX_MISSING` should be about {rec} (kronjax has {now})")
+            f"`AUTO_EXACT_MAX_MISSING` should be about {' or '.join(map(str, rec))} (kronjax has "
+            f"{now})")
     if big:
         text += (f", with a cap on m·N too: the exact route's peak RSS was "
                  f"{big['exact']['peak_mb'] / 1024:.1f} GiB at m·N = {big['m'] * big['N']:.2g} "
@@ -265,30 +271,40 @@ def observations(rows, sweep, cross):
              f"BoTorch-like {span(e('matched'), '.1e')} (gradient "
              f"{span(e('matched', 1), '.1e')}), BoTorch on its CG path {span(e('botorch'), '.1e')}"
              f" (gradient {span(e('botorch', 1), '.1e')}); without a reference the two "
-             f"iterative estimates differ by {span(d, '.1e')} relative.")
+             f"iterative estimates differ by {span(d, '.1e')} relative. **Caveat.** The 2 cores "
+             f"were shared with other work (load average {span(loads, '.1f')} at job starts), "
+             "so single times can be off by up to 2× and ratios near 1 are within noise.")
     return text
 
 
-def report(rows, sweep, quick, wall):
+def meta():
+    """Date, machine and versions, taken when the run ends."""
     sh = lambda c: subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()  # noqa: E731
     v = dict(versions(), botorch=__import__("botorch").__version__)
-    v = {k: v[k] for k in ("python", "jax", "jaxlib", "numpyro", "torch", "gpytorch",
-                           "linear_operator", "botorch")}
     commit = sh("git -C /work/main rev-parse --short HEAD")
     commit += " + uncommitted kronjax/ changes" * bool(sh("git -C /work/main status -s kronjax"))
-    cpu, loads = sh("lscpu | sed -n 's/^Model name:[ ]*//p'"), [
-        x["load"] for d in rows + sweep for x in d.values() if isinstance(x, dict) and "load" in x]
+    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), kronjax=commit,
+                machine=sh("lscpu | sed -n 's/^Model name:[ ]*//p'"), nproc=sh("nproc"),
+                platform=platform.platform(), versions={k: v[k] for k in (
+                    "python", "jax", "jaxlib", "numpyro", "torch", "gpytorch",
+                    "linear_operator", "botorch")})
+
+
+def report(res):
+    rows, sweep, quick, wall, v = (res[k] for k in ("rows", "sweep", "quick", "wall_s",
+                                                    "versions"))
+    loads = [x["load"] for d in rows + sweep for x in d.values() if isinstance(x, dict)
+             and "load" in x]
     bt = next((r["botorch"]["settings"] for r in rows if "settings" in r["botorch"]), {})
-    pts = [(p["grid"], p["m"], p["ratio"]) for p in sweep]
-    cross = crossover(pts + [(r["grid"], r["m"], ratio(r.get("exact"), r["iterative"]))
-                             for r in rows])
+    cross = crossover([(p["grid"], p["m"], p["ratio"]) for p in sweep])
     lines = [
         "# Incomplete grids: exact vs iterative marginal vs BoTorch LatentKroneckerGP", "",
-        f"- date {datetime.datetime.now().isoformat(timespec='seconds')}, wall {wall / 60:.0f} min;"
+        f"- date {res['date']}, wall {wall / 60:.0f} min;"
         f" command `python -m bench.incomplete{' --quick' * quick}` (from /work/main)",
-        f"- machine: {cpu}, nproc {sh('nproc')}, {platform.platform()}; torch threads 2, XLA "
-        f"default; load average at job starts {min(loads):.1f}–{max(loads):.1f}",
-        "- versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + f", kronjax {commit}",
+        f"- machine: {res['machine']}, nproc {res['nproc']}, {res['platform']}; torch threads "
+        f"2, XLA default; load average at job starts {min(loads):.1f}–{max(loads):.1f}",
+        "- versions: " + ", ".join(f"{k} {x}" for k, x in v.items())
+        + f", kronjax {res['kronjax']}",
         "- problem and methods: the docstring of `bench/incomplete.py`. BoTorch settings in force "
         "under `use_iterative_methods()`: " + ", ".join(f"{k} {x}" for k, x in bt.items()
                                                           if k != "path")
@@ -326,8 +342,7 @@ def report(rows, sweep, quick, wall):
     with open(os.path.join(HERE, "INCOMPLETE.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(HERE, "results_incomplete.json"), "w") as f:
-        json.dump(dict(versions=v, kronjax=commit, machine=cpu, quick=quick, wall_s=wall,
-                       rows=rows, sweep=sweep, crossover=cross), f, indent=1)
+        json.dump(dict(res, crossover=cross), f, indent=1)
     print("\n".join(lines))
 
 
@@ -335,16 +350,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.incomplete", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="only 64×48 and 128×128")
+    p.add_argument("--report-only", metavar="JSON", help="re-render INCOMPLETE.md from results")
     p.add_argument("--one", metavar="JSON", help=argparse.SUPPRESS)  # one subprocess job
     a = p.parse_args(argv)
     if a.one:
         print(json.dumps(measure(json.loads(a.one))), flush=True)
         return
+    if a.report_only:
+        with open(a.report_only) as f:
+            return report(json.load(f))
     start = time.perf_counter()
     rows, sweep = run_all(a.quick)
+    res = dict(meta(), quick=a.quick, wall_s=time.perf_counter() - start, rows=rows, sweep=sweep)
     with open(os.path.join(HERE, "results_incomplete.json"), "w") as f:  # raw, in case
-        json.dump(dict(rows=rows, sweep=sweep), f)
-    report(rows, sweep, a.quick, time.perf_counter() - start)
+        json.dump(res, f)
+    report(res)
 
 
 if __name__ == "__main__":
