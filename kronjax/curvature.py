@@ -127,6 +127,16 @@ def implicit_solve(covs, eigvals, eigvecs, sigma2, r):
     return jax.lax.custom_linear_solve(matvec, r, solve, symmetric=True)
 
 
+def logdet_gradient(covs, eigvals, eigvecs, sigma2):
+    r"""The gradient of :math:`\log\det A`, ``(P(K), 0, 0, t(I))`` shaped like the arguments,
+    differentiable to second order through :func:`partial_traces`."""
+    mats, _ = partial_traces(covs, eigvals, eigvecs, sigma2, covs)
+    eyes = tuple(jnp.eye(v.shape[-1], dtype=v.dtype) for v in eigvals)
+    _, trace_inv = partial_traces(covs, eigvals, eigvecs, sigma2, eyes)
+    zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
+    return (mats, *zeros, trace_inv)
+
+
 def logpdf_gradient_implicit(covs, eigvals, eigvecs, sigma2, r):
     r"""The gradient of the log density from the solve and the partial traces, so that
     differentiating it gives exact second derivatives:
@@ -137,9 +147,7 @@ def logpdf_gradient_implicit(covs, eigvals, eigvecs, sigma2, r):
     d = len(covs)
     sizes = tuple(k.shape[-1] for k in covs)
     alpha = implicit_solve(covs, eigvals, eigvecs, sigma2, r)
-    mats, _ = partial_traces(covs, eigvals, eigvecs, sigma2, covs)
-    eyes = tuple(jnp.eye(n, dtype=alpha.dtype) for n in sizes)
-    _, trace_inv = partial_traces(covs, eigvals, eigvecs, sigma2, eyes)
+    mats, *_, trace_inv = logdet_gradient(covs, eigvals, eigvecs, sigma2)
     t = alpha.reshape(sizes)
     cov_bars = []
     for i in range(d):
@@ -151,13 +159,3 @@ def logpdf_gradient_implicit(covs, eigvals, eigvecs, sigma2, r):
     sigma2_bar = 0.5 * (jnp.sum(alpha * alpha) - trace_inv)
     zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
     return (tuple(cov_bars), *zeros, sigma2_bar, -alpha)
-
-
-def logdet_gradient(covs, eigvals, eigvecs, sigma2):
-    r"""The gradient of :math:`\log\det A`, ``(P(K), 0, 0, t(I))`` shaped like the arguments,
-    differentiable to second order through :func:`partial_traces`."""
-    mats, _ = partial_traces(covs, eigvals, eigvecs, sigma2, covs)
-    eyes = tuple(jnp.eye(v.shape[-1], dtype=v.dtype) for v in eigvals)
-    _, trace_inv = partial_traces(covs, eigvals, eigvecs, sigma2, eyes)
-    zeros = jax.tree.map(jnp.zeros_like, (eigvals, eigvecs))
-    return (mats, *zeros, trace_inv)

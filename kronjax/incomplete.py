@@ -188,8 +188,9 @@ def _trace_scale(cfg, probes):
 
 
 def _log_density_value(cfg, cov, noise_o, probes, r):
-    alpha, _ = _pcg(cfg, _observed_matvec(cfg, cov, noise_o), _preconditioner(cfg, cov, noise_o), r)
-    quads = _lanczos_logquad(cfg, _observed_matvec(cfg, cov, noise_o), probes)
+    matvec = _observed_matvec(cfg, cov, noise_o)
+    alpha, _ = _pcg(cfg, matvec, _preconditioner(cfg, cov, noise_o), r)
+    quads = _lanczos_logquad(cfg, matvec, probes)
     logdet = _trace_scale(cfg, probes) * jnp.sum(quads, 0)
     return -0.5 * (jnp.sum(r * alpha, -1) + logdet + r.shape[-1] * _LOG_2PI), alpha
 
