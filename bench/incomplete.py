@@ -60,8 +60,11 @@ def kronjax_route(sizes, y, mask, method, **options):
     jax.config.update("jax_enable_x64", True)  # a benchmark script, not the library
     from kronjax import KroneckerNormal
 
-    xs, yo, theta = [jnp.asarray(x) for x in grids(sizes)], jnp.asarray(y[mask]), jnp.array(
-        [*ELLS, SIGMA])
+    xs, yo, theta = (
+        [jnp.asarray(x) for x in grids(sizes)],
+        jnp.asarray(y[mask]),
+        jnp.array([*ELLS, SIGMA]),
+    )
 
     def marginal(th):
         covs = [jnp.exp(-0.5 * ((x[:, None] - x) / ell) ** 2) for x, ell in zip(xs, th)]
@@ -87,14 +90,18 @@ def botorch_route(sizes, y, mask):
     tk = dict(dtype=torch.float64)
     x, t = (torch.tensor(g, **tk)[:, None] for g in grids(sizes))
     Y = torch.tensor(np.where(mask, y, np.nan).reshape(sizes), **tk)
-    model = LatentKroneckerGP(x, t, Y, covar_module_X=RBFKernel(), covar_module_T=RBFKernel(),
-                              outcome_transform=None).to(**tk)
+    model = LatentKroneckerGP(
+        x, t, Y, covar_module_X=RBFKernel(), covar_module_T=RBFKernel(), outcome_transform=None
+    ).to(**tk)
     model.covar_module_X.lengthscale, model.covar_module_T.lengthscale = ELLS
     model.likelihood.noise = SIGMA**2
     model.train()
     mll = ExactMarginalLogLikelihood(model.likelihood, model)
-    raw = [model.covar_module_X.raw_lengthscale, model.covar_module_T.raw_lengthscale,
-           model.likelihood.noise_covar.raw_noise]  # ℓ = softplus(raw), σ² = 1e-4 + softplus(raw)
+    raw = [
+        model.covar_module_X.raw_lengthscale,
+        model.covar_module_T.raw_lengthscale,
+        model.likelihood.noise_covar.raw_noise,
+    ]  # ℓ = softplus(raw), σ² = 1e-4 + softplus(raw)
     n_obs = int(mask.sum())
 
     def call():
@@ -108,9 +115,17 @@ def botorch_route(sizes, y, mask):
         return -loss.item() * n_obs, -g * n_obs
 
     with model.use_iterative_methods():  # what is in force inside, for the record
-        used = {k: getattr(settings, k).value() for k in (
-            "cg_tolerance", "max_cg_iterations", "max_cholesky_size", "num_trace_samples",
-            "max_lanczos_quadrature_iterations", "max_preconditioner_size")}
+        used = {
+            k: getattr(settings, k).value()
+            for k in (
+                "cg_tolerance",
+                "max_cg_iterations",
+                "max_cholesky_size",
+                "num_trace_samples",
+                "max_lanczos_quadrature_iterations",
+                "max_preconditioner_size",
+            )
+        }
     used["path"] = "Cholesky" if n_obs <= used["max_cholesky_size"] else "CG"
     return call, {"settings": used}
 
@@ -149,8 +164,17 @@ def measure(job):
         times.append(time.perf_counter() - start)
         watchdog.cancel()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    return dict(out, status="ok", time_s=statistics.median(times[1:]), first_s=times[0], load=load,
-                reps=len(times) - 1, loglik=float(value), grad=grad.tolist(), peak_mb=rss)
+    return dict(
+        out,
+        status="ok",
+        time_s=statistics.median(times[1:]),
+        first_s=times[0],
+        load=load,
+        reps=len(times) - 1,
+        loglik=float(value),
+        grad=grad.tolist(),
+        peak_mb=rss,
+    )
 
 
 def run_job(job):
@@ -198,10 +222,17 @@ def run_all(quick):
     for sizes in GRIDS[: 2 if quick else 3]:
         n = math.prod(sizes)
         for m in (m for m in SWEEP_M if m <= 0.6 * n and m * n <= SWEEP_MAX_MN):
-            p = {s: run_job({"grid": list(sizes), "m": m, "system": s})
-                 for s in ("exact", "iterative")}
-            p.update(grid=list(sizes), N=n, m=m, ratio=ratio(p["exact"], p["iterative"]),
-                     err=errs(p["iterative"], p["exact"]))
+            p = {
+                s: run_job({"grid": list(sizes), "m": m, "system": s})
+                for s in ("exact", "iterative")
+            }
+            p.update(
+                grid=list(sizes),
+                N=n,
+                m=m,
+                ratio=ratio(p["exact"], p["iterative"]),
+                err=errs(p["iterative"], p["exact"]),
+            )
             print(f"sweep {sizes} m={m}: {cell(p['exact'])} / {cell(p['iterative'])}", flush=True)
             sweep.append(p)
     return rows, sweep
@@ -213,8 +244,9 @@ def crossover(points):
     measured ratios straddle 1."""
     out = {}
     for grid in sorted({tuple(g) for g, _, _ in points}):
-        pts = [(math.log(m), math.log(q)) for g, m, q in points if tuple(g) == grid and q
-               and m >= 256]
+        pts = [
+            (math.log(m), math.log(q)) for g, m, q in points if tuple(g) == grid and q and m >= 256
+        ]
         if len(pts) > 1 and min(q for _, q in pts) < 0 < max(q for _, q in pts):
             slope, icpt = np.polyfit(*zip(*pts), 1)
             out[f"{grid[0]}×{grid[1]}"] = round(math.exp(-icpt / slope))
@@ -240,40 +272,59 @@ def observations(rows, sweep, cross):
     at = lambda m: [p["ratio"] for p in sweep if p["m"] == m and p["ratio"]]  # noqa: E731
     lo, hi = (min(cross.values()), max(cross.values())) if cross else (0, 0)
     rec = [k for k in range(256, 4097, 256) if lo <= k <= hi] or (
-        [256 * round(statistics.median(cross.values()) / 256)] if cross else ["? (no crossover)"])
-    loads = [x["load"] for d in rows + sweep for x in d.values() if isinstance(x, dict)
-             and "load" in x]
+        [256 * round(statistics.median(cross.values()) / 256)] if cross else ["? (no crossover)"]
+    )
+    loads = [
+        x["load"] for d in rows + sweep for x in d.values() if isinstance(x, dict) and "load" in x
+    ]
     big = max((p for p in sweep if ok(p["exact"])), key=lambda p: p["m"] * p["N"], default=None)
-    text = ("**Exact vs iterative.** Equal times (log-log fit over the sweep, m ≥ 256) at "
-            + (", ".join(f"m ≈ {m} on {g}" for g, m in cross.items()) or "no swept m")
-            + f": the crossover in m hardly moves with N, as both routes cost O(N Σn_i) per "
-            f"missing cell or per operator application. Exact takes {span(at(512))} × the "
-            f"iterative time at m = 512 and {span(at(1024))} × at m = 1024, and it is exact, "
-            "while the iterative gradient is off by the relative errors in the tables. So "
-            f"`AUTO_EXACT_MAX_MISSING` should be about {' or '.join(map(str, rec))} (kronjax has "
-            f"{now})")
+    text = (
+        "**Exact vs iterative.** Equal times (log-log fit over the sweep, m ≥ 256) at "
+        + (", ".join(f"m ≈ {m} on {g}" for g, m in cross.items()) or "no swept m")
+        + f": the crossover in m hardly moves with N, as both routes cost O(N Σn_i) per "
+        f"missing cell or per operator application. Exact takes {span(at(512))} × the "
+        f"iterative time at m = 512 and {span(at(1024))} × at m = 1024, and it is exact, "
+        "while the iterative gradient is off by the relative errors in the tables. So "
+        f"`AUTO_EXACT_MAX_MISSING` should be about {' or '.join(map(str, rec))} (kronjax has "
+        f"{now})"
+    )
     if big:
-        text += (f", with a cap on m·N too: the exact route's peak RSS was "
-                 f"{big['exact']['peak_mb'] / 1024:.1f} GiB at m·N = {big['m'] * big['N']:.2g} "
-                 f"({big['grid'][0]}×{big['grid'][1]}, m = {big['m']})")
+        text += (
+            f", with a cap on m·N too: the exact route's peak RSS was "
+            f"{big['exact']['peak_mb'] / 1024:.1f} GiB at m·N = {big['m'] * big['N']:.2g} "
+            f"({big['grid'][0]}×{big['grid'][1]}, m = {big['m']})"
+        )
     q = lambda s: [x for r in rows if (x := ratio(r[s], r["botorch"]))]  # noqa: E731
-    e = lambda s, k=0: [r[f"err_{s}"][k] for r in rows if r[f"err_{s}"][0] is not None  # noqa
-                        and r["ref"] != s and r[s].get("settings", {}).get("path") != "Cholesky"]
-    d = [r["iterative_vs_botorch"][0] for r in rows if r["ref"] is None and ok(r["botorch"])
-         and r["iterative_vs_botorch"][0] is not None]
-    text += (". **Iterative vs BoTorch.** Time ratio iterative / BoTorch per row (< 1: kronjax "
-             "faster): " + ", ".join(f"{r['grid'][0]}×{r['grid'][1]} {100 * r['frac']:.0f}% "
-                                    f"{x:.2f}" for r in rows
-                                    if (x := ratio(r["iterative"], r["botorch"])))
-             + f"; at BoTorch-like settings {span(q('matched'))}. BoTorch below n_obs 4096 is "
-             f"a dense Cholesky (exact). Log-likelihood relative errors: kronjax iterative "
-             f"{span(e('iterative'), '.1e')} (gradient {span(e('iterative', 1), '.1e')}), "
-             f"BoTorch-like {span(e('matched'), '.1e')} (gradient "
-             f"{span(e('matched', 1), '.1e')}), BoTorch on its CG path {span(e('botorch'), '.1e')}"
-             f" (gradient {span(e('botorch', 1), '.1e')}); without a reference the two "
-             f"iterative estimates differ by {span(d, '.1e')} relative. **Caveat.** The 2 cores "
-             f"were shared with other work (load average {span(loads, '.1f')} at job starts), "
-             "so single times can be off by up to 2× and ratios near 1 are within noise.")
+    e = lambda s, k=0: [
+        r[f"err_{s}"][k]
+        for r in rows
+        if r[f"err_{s}"][0] is not None  # noqa
+        and r["ref"] != s
+        and r[s].get("settings", {}).get("path") != "Cholesky"
+    ]
+    d = [
+        r["iterative_vs_botorch"][0]
+        for r in rows
+        if r["ref"] is None and ok(r["botorch"]) and r["iterative_vs_botorch"][0] is not None
+    ]
+    text += (
+        ". **Iterative vs BoTorch.** Time ratio iterative / BoTorch per row (< 1: kronjax "
+        "faster): "
+        + ", ".join(
+            f"{r['grid'][0]}×{r['grid'][1]} {100 * r['frac']:.0f}% {x:.2f}"
+            for r in rows
+            if (x := ratio(r["iterative"], r["botorch"]))
+        )
+        + f"; at BoTorch-like settings {span(q('matched'))}. BoTorch below n_obs 4096 is "
+        f"a dense Cholesky (exact). Log-likelihood relative errors: kronjax iterative "
+        f"{span(e('iterative'), '.1e')} (gradient {span(e('iterative', 1), '.1e')}), "
+        f"BoTorch-like {span(e('matched'), '.1e')} (gradient "
+        f"{span(e('matched', 1), '.1e')}), BoTorch on its CG path {span(e('botorch'), '.1e')}"
+        f" (gradient {span(e('botorch', 1), '.1e')}); without a reference the two "
+        f"iterative estimates differ by {span(d, '.1e')} relative. **Caveat.** The 2 cores "
+        f"were shared with other work (load average {span(loads, '.1f')} at job starts), "
+        "so single times can be off by up to 2× and ratios near 1 are within noise."
+    )
     return text
 
 
@@ -283,53 +334,81 @@ def meta():
     v = dict(versions(), botorch=__import__("botorch").__version__)
     commit = sh("git -C /work/main rev-parse --short HEAD")
     commit += " + uncommitted kronjax/ changes" * bool(sh("git -C /work/main status -s kronjax"))
-    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), kronjax=commit,
-                machine=sh("lscpu | sed -n 's/^Model name:[ ]*//p'"), nproc=sh("nproc"),
-                platform=platform.platform(), versions={k: v[k] for k in (
-                    "python", "jax", "jaxlib", "numpyro", "torch", "gpytorch",
-                    "linear_operator", "botorch")})
+    return dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        kronjax=commit,
+        machine=sh("lscpu | sed -n 's/^Model name:[ ]*//p'"),
+        nproc=sh("nproc"),
+        platform=platform.platform(),
+        versions={
+            k: v[k]
+            for k in (
+                "python",
+                "jax",
+                "jaxlib",
+                "numpyro",
+                "torch",
+                "gpytorch",
+                "linear_operator",
+                "botorch",
+            )
+        },
+    )
 
 
 def report(res):
-    rows, sweep, quick, wall, v = (res[k] for k in ("rows", "sweep", "quick", "wall_s",
-                                                    "versions"))
-    loads = [x["load"] for d in rows + sweep for x in d.values() if isinstance(x, dict)
-             and "load" in x]
+    rows, sweep, quick, wall, v = (res[k] for k in ("rows", "sweep", "quick", "wall_s", "versions"))
+    loads = [
+        x["load"] for d in rows + sweep for x in d.values() if isinstance(x, dict) and "load" in x
+    ]
     bt = next((r["botorch"]["settings"] for r in rows if "settings" in r["botorch"]), {})
     cross = crossover([(p["grid"], p["m"], p["ratio"]) for p in sweep])
     lines = [
-        "# Incomplete grids: exact vs iterative marginal vs BoTorch LatentKroneckerGP", "",
+        "# Incomplete grids: exact vs iterative marginal vs BoTorch LatentKroneckerGP",
+        "",
         f"- date {res['date']}, wall {wall / 60:.0f} min;"
         f" command `python -m bench.incomplete{' --quick' * quick}` (from /work/main)",
         f"- machine: {res['machine']}, nproc {res['nproc']}, {res['platform']}; torch threads "
         f"2, XLA default; load average at job starts {min(loads):.1f}–{max(loads):.1f}",
-        "- versions: " + ", ".join(f"{k} {x}" for k, x in v.items())
+        "- versions: "
+        + ", ".join(f"{k} {x}" for k, x in v.items())
         + f", kronjax {res['kronjax']}",
         "- problem and methods: the docstring of `bench/incomplete.py`. BoTorch settings in force "
-        "under `use_iterative_methods()`: " + ", ".join(f"{k} {x}" for k, x in bt.items()
-                                                          if k != "path")
+        "under `use_iterative_methods()`: "
+        + ", ".join(f"{k} {x}" for k, x in bt.items() if k != "path")
         + "; BoTorch's import sets max_cholesky_size 4096, so n_obs ≤ 4096 is a dense Cholesky",
         "- errors: relative error of the log likelihood (in brackets: max-norm relative error "
         "of the gradient) against the dense Cholesky where N ≤ 6000, else kronjax exact where it "
-        "ran, else —; CG iterations from `solver_info` (also where the timing was skipped)", "",
+        "ran, else —; CG iterations from `solver_info` (also where the timing was skipped)",
+        "",
         "| grid | N | missing % | m | time exact | time iterative | time BoTorch | iterative / "
         "BoTorch | exact / iterative | CG iterations (kronjax) | rel. err exact | rel. err "
         "iterative | rel. err BoTorch | time iterative (BoTorch-like) | rel. err iterative "
-        "(BoTorch-like) |", "|" + "---|" * 15]
+        "(BoTorch-like) |",
+        "|" + "---|" * 15,
+    ]
     for r in rows:
-        e = [("reference" if r["ref"] == s else f"{a:.1e} ({b:.1e})" if a is not None else "—")
-             for s in ("exact", "iterative", "botorch", "matched") for a, b in [r[f"err_{s}"]]]
+        e = [
+            ("reference" if r["ref"] == s else f"{a:.1e} ({b:.1e})" if a is not None else "—")
+            for s in ("exact", "iterative", "botorch", "matched")
+            for a, b in [r[f"err_{s}"]]
+        ]
         lines.append(
             f"| {r['grid'][0]}×{r['grid'][1]} | {r['N']} | {100 * r['frac']:.0f} | {r['m']} "
             f"| {cell(r.get('exact'))} | {cell(r['iterative'])} | {cell(r['botorch'])} "
             f"| {cell(ratio(r['iterative'], r['botorch']), '.2f')} "
             f"| {cell(ratio(r.get('exact'), r['iterative']), '.2f')} "
             f"| {r['iterative'].get('iterations', '—')} | {' | '.join(e[:3])} "
-            f"| {cell(r['matched'])} | {e[3]} |")
-    lines += ["", "Crossover sweep (errors of iterative against exact):", "",
-              "| grid | N | m | time exact | time iterative | exact / iterative | CG iterations "
-              "| compile exact / iterative | peak RSS exact / iterative | rel. err iterative |",
-              "|" + "---|" * 10]
+            f"| {cell(r['matched'])} | {e[3]} |"
+        )
+    lines += [
+        "",
+        "Crossover sweep (errors of iterative against exact):",
+        "",
+        "| grid | N | m | time exact | time iterative | exact / iterative | CG iterations "
+        "| compile exact / iterative | peak RSS exact / iterative | rel. err iterative |",
+        "|" + "---|" * 10,
+    ]
     for p in sweep:
         ex, it = p["exact"], p["iterative"]
         lines.append(
@@ -337,7 +416,8 @@ def report(res):
             f"| {cell(p['ratio'], '.2f')} | {it.get('iterations', '—')} "
             f"| {cell(ex.get('compile_s'), '.1f')} / {cell(it.get('compile_s'), '.1f')} s "
             f"| {cell(ex.get('peak_mb'), '.0f')} / {cell(it.get('peak_mb'), '.0f')} MB "
-            f"| {cell(p['err'][0], '.1e')} ({cell(p['err'][1], '.1e')}) |")
+            f"| {cell(p['err'][0], '.1e')} ({cell(p['err'][1], '.1e')}) |"
+        )
     lines += ["", "## Observations", "", observations(rows, sweep, cross), ""]
     with open(os.path.join(HERE, "INCOMPLETE.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -347,8 +427,11 @@ def report(res):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.incomplete", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.incomplete",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="only 64×48 and 128×128")
     p.add_argument("--report-only", metavar="JSON", help="re-render INCOMPLETE.md from results")
     p.add_argument("--one", metavar="JSON", help=argparse.SUPPRESS)  # one subprocess job

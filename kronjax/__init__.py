@@ -7,17 +7,21 @@
 incomplete grid; importing kronjax registers the analytic
 ``numpyro.distributions.kl.kl_divergence`` between two ``KroneckerNormal`` s; ``linalg``
 holds the structured operations under them, ``gp`` GP prediction on grids and at points,
-and ``KroneckerReparam`` the whitened form of a latent site for NUTS.
+``KroneckerReparam`` the whitened form of a latent site for NUTS, and ``GridGP`` a
+Gaussian process on a grid from one kernel per axis, conditioned to a ``GridPosterior``.
 """
 
 from kronjax import gp, kl, linalg
 from kronjax.covariance import KroneckerCovariance
 from kronjax.distribution import KroneckerNormal
+from kronjax.gridgp import GridGP, GridPosterior
 from kronjax.incomplete import IterativeMarginal
 from kronjax.marginal import KroneckerMarginal
 from kronjax.reparam import KroneckerReparam
 
 __all__ = [
+    "GridGP",
+    "GridPosterior",
     "IterativeMarginal",
     "KroneckerCovariance",
     "KroneckerMarginal",

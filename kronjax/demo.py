@@ -21,9 +21,9 @@ compared with climatology (each month's training mean ± 1.645 training std).
 """
 
 import argparse
+import importlib.util
 import math
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ from jax.scipy.special import ndtr
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.util import constrain_fn, potential_energy
 
-from kronjax import gp
+from kronjax import cli, gp
 from kronjax.data import load_elnino
 from kronjax.distribution import KroneckerNormal
 
@@ -181,21 +181,46 @@ def plot(path, years, sst, n_train: int, mean, lower, upper, clim, clim_sd) -> N
         lw=0.7,
         label="training data",
     )
-    bottom.plot(tf, sst.reshape(-1)[split:], "o-", color="C3", ms=3.5, lw=1, label="held-out truth")
+    # Draw order: bands at the back, then the GP mean (thick), the climatology mean (thin,
+    # dashed, on top so both stay visible where they coincide), the held-out truth in front.
     bottom.fill_between(
-        tf, lower, upper, color="C0", alpha=0.25, lw=0, label="GP 90% predictive band"
+        tf, lower, upper, color="C0", alpha=0.22, lw=0, zorder=1, label="GP 90% predictive band"
     )
-    bottom.plot(tf, mean, color="C0", lw=2, label="GP predictive mean")
-    bottom.plot(tf, clim, "--", color="C2", lw=1.2, label="climatology ± 1.645 sd")
-    bottom.plot(tf, clim - Z90 * clim_sd, ":", color="C2", lw=1)
-    bottom.plot(tf, clim + Z90 * clim_sd, ":", color="C2", lw=1)
+    for i, bound in enumerate((clim - Z90 * clim_sd, clim + Z90 * clim_sd)):
+        label = None if i else "climatology 90% band (± 1.645 sd)"
+        bottom.plot(tf, bound, ":", color="C1", lw=1.1, zorder=2, label=label)
+    bottom.plot(tf, mean, "-", color="C0", lw=2.6, zorder=3, label="GP predictive mean")
+    bottom.plot(
+        tf, clim, "--", color="C1", lw=1.1, dashes=(4, 3), zorder=4, label="climatology mean"
+    )
+    bottom.plot(
+        tf,
+        sst.reshape(-1)[split:],
+        "o-",
+        color="C3",
+        ms=3.5,
+        lw=1,
+        zorder=5,
+        label="held-out truth",
+    )
     bottom.axvline(tf[0], color="0.6", lw=0.8)
     bottom.set(
         xlabel="year",
         ylabel="SST (°C)",
         title=f"Forecast of {years[n_train]}–{years[-1]} from {years[0]}–{years[n_train - 1]}",
     )
-    bottom.legend(loc="upper left", fontsize=8, ncol=2)
+    order = [
+        "training data",
+        "held-out truth",
+        "GP predictive mean",
+        "GP 90% predictive band",
+        "climatology mean",
+        "climatology 90% band (± 1.645 sd)",
+    ]
+    handles = dict(zip(*reversed(bottom.get_legend_handles_labels()), strict=True))
+    bottom.legend([handles[k] for k in order], order, loc="upper left", fontsize=8, ncol=3)
+    low, high = bottom.get_ylim()
+    bottom.set_ylim(low, high + 0.22 * (high - low))  # room for the legend above the data
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -204,7 +229,17 @@ def plot(path, years, sst, n_train: int, mean, lower, upper, clim, clim_sd) -> N
 def run(
     out="elnino_forecast.png", num_warmup=300, num_samples=300, steps=300, seed=0, progress_bar=True
 ) -> dict:
-    """Fit, sample, forecast, score and plot; print each stage. Returns the scores."""
+    """Fit, sample, forecast, score and plot; print each stage. Returns the scores.
+
+    Raises ``ValueError`` for a count below 1 or a negative seed (the command line checks
+    these, and ``out``, before calling this).
+    """
+    counts = {"num_warmup": num_warmup, "num_samples": num_samples, "steps": steps}
+    for name, value in counts.items():
+        if int(value) != value or value < 1:
+            raise ValueError(f"demo.run: {name} must be an integer >= 1, got {value!r}")
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"demo.run: seed must be an integer >= 0, got {seed!r}")
     times = {}
     start = time.perf_counter()
     years_all, months_np, sst = load_elnino()
@@ -281,24 +316,47 @@ def run(
     return scores
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m kronjax demo",
-        description="Forecast two held-out years of El Niño SST with a year × month "
-        "Kronecker GP: optax to the posterior mode, then NUTS; compared with climatology.",
-    )
+SUMMARY = "forecast two held-out years of El Niño SST (optax, then NUTS; about 30 s)"
+DESCRIPTION = (
+    "Forecast two held-out years of El Niño SST with a year × month Kronecker GP: optax to "
+    "the posterior mode, then NUTS; compared with climatology. Writes a PNG plot."
+)
+
+
+def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the demo's options to ``parser`` (every value is checked while parsing)."""
     parser.add_argument(
         "--out",
-        type=Path,
-        default=Path("elnino_forecast.png"),
-        help="where to write the forecast plot (PNG; default %(default)s)",
+        type=cli.png_path,
+        default="elnino_forecast.png",
+        help="where to write the forecast plot: a .png file in an existing, writable directory",
     )
-    parser.add_argument("--num-warmup", type=int, default=300, help="NUTS warmup steps")
-    parser.add_argument("--num-samples", type=int, default=300, help="NUTS samples")
-    parser.add_argument("--steps", type=int, default=300, help="Adam steps")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--num-warmup",
+        type=cli.integer(1),
+        default=300,
+        help="NUTS warmup (adaptation) steps, at least 1",
+    )
+    parser.add_argument(
+        "--num-samples", type=cli.integer(1), default=300, help="NUTS samples, at least 1"
+    )
+    parser.add_argument(
+        "--steps",
+        type=cli.integer(1),
+        default=300,
+        help="Adam steps to the posterior mode, at least 1",
+    )
+    parser.add_argument(
+        "--seed", type=cli.integer(0, 2**32 - 1), default=0, help="NUTS random seed, 0 to 2**32 - 1"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no NUTS progress bar")
-    args = parser.parse_args(argv)
+    parser.set_defaults(handler=lambda args: _run_args(parser, args))
+    return parser
+
+
+def _run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        parser.error("the plot needs matplotlib: pip install 'kronjax[examples]'")
     run(
         args.out,
         args.num_warmup,
@@ -307,3 +365,10 @@ def main(argv=None) -> None:
         args.seed,
         progress_bar=not args.no_progress,
     )
+
+
+def main(argv=None) -> None:
+    """``python -m kronjax demo [options]``."""
+    parser = configure(cli.Parser(prog="python -m kronjax demo", description=DESCRIPTION))
+    args = parser.parse_args(argv)
+    args.handler(args)

@@ -77,21 +77,6 @@ def cartesian(*axes) -> jax.Array:
 # VJPs below, which never differentiate eigenvectors.
 
 
-def _point_contract(t: jax.Array, vecs: Sequence[jax.Array]) -> jax.Array:
-    r""":math:`\sum_k t[k] \prod_i V_i[j, k_i]` for every point j; ``V_i`` is ``(p, n_i)``.
-
-    Contracts the largest axis first, so the largest intermediate is ``(p, N / max n_i)``.
-    """
-    axes = list(range(len(vecs)))
-    first = max(axes, key=lambda i: t.shape[i])
-    out = jnp.tensordot(vecs[first], t, axes=(1, first))  # (p, other axes in order)
-    axes.remove(first)
-    while axes:
-        i = axes.pop(0)
-        out = jnp.einsum("pa,pa...->p...", vecs[i], out)
-    return out
-
-
 def _grid_reduction(eigvals, eigvecs, sigma2, kstars):
     bsq = [jnp.square(k @ q) for k, q in zip(kstars, eigvecs, strict=True)]
     return linalg.kron_matvec(bsq, 1 / spectrum(eigvals, sigma2).reshape(-1))
@@ -99,7 +84,7 @@ def _grid_reduction(eigvals, eigvecs, sigma2, kstars):
 
 def _points_reduction(eigvals, eigvecs, sigma2, kstars):
     bsq = [jnp.square(k @ q) for k, q in zip(kstars, eigvecs, strict=True)]
-    return _point_contract(1 / spectrum(eigvals, sigma2), bsq)
+    return linalg.kron_rows_matvec(bsq, 1 / spectrum(eigvals, sigma2))
 
 
 def _sum_map(fn, xs, init):
@@ -355,7 +340,7 @@ def predict(
     else:
         sizes = dist.factor_sizes
         sig = ",".join(["(N)"] + [f"(p,n{i})" for i in range(len(sizes))]) + "->(p)"
-        contract = lambda a, *ks: _point_contract(a.reshape(sizes), ks)
+        contract = lambda a, *ks: linalg.kron_rows_matvec(ks, a.reshape(sizes))
         mean = jnp.vectorize(contract, signature=sig)(alpha, *kstars)
     if diags is None:
         return mean, None

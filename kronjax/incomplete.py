@@ -432,7 +432,7 @@ class IterativeMarginal(Distribution):
             index = np.indices(tuple(k.shape[0] for k in kstars)).reshape(len(kstars), -1).T
         else:
             index = np.repeat(np.arange(kstars[0].shape[0])[:, None], len(kstars), 1)
-            mean = _contract_points(alpha.reshape(sizes), kstars)
+            mean = linalg.kron_rows_matvec(kstars, alpha.reshape(sizes))
         if test_diags is None:
             return mean, None
 
@@ -451,11 +451,3 @@ class IterativeMarginal(Distribution):
         if pred_noise:
             var = var + self.base.covariance.sigma2()
         return mean, var
-
-
-def _contract_points(t, kstars):
-    r""":math:`m_j = \sum_k t[k] \prod_i K_{*i}[j, k_i]` for every test point j."""
-    out = jnp.tensordot(kstars[0], t, axes=(1, 0))
-    for k in kstars[1:]:
-        out = jnp.einsum("pa,pa...->p...", k, out)
-    return out

@@ -171,6 +171,31 @@ def kron_matvec(factors: Sequence[jax.Array], x: jax.Array) -> jax.Array:
     return t.reshape(t.shape[: t.ndim - d] + (-1,))
 
 
+def kron_rows_matvec(rows: Sequence[jax.Array], t: jax.Array) -> jax.Array:
+    r"""Dot every row of the face-splitting product with a grid tensor:
+    :math:`u_j = \sum_k t[k] \prod_i V_i[j, k_i] = (\otimes_i V_i[j])^\top \operatorname{vec} t`.
+
+    The cross-covariance of scattered point j to a grid is the Kronecker vector
+    :math:`\otimes_i V_i[j]`; this applies p of them without the ``(p, N)`` matrix,
+    contracting the largest axis first (largest intermediate ``(p, N / max n_i)``).
+
+    Args:
+        rows: ``V_i`` of shape ``(p, n_i)``, one row per point.
+        t: the grid tensor ``(n_1, …, n_d)``.
+
+    Returns:
+        ``(p,)``.
+    """
+    axes = list(range(len(rows)))
+    first = max(axes, key=lambda i: t.shape[i])
+    out = jnp.tensordot(rows[first], t, axes=(1, first))  # (p, other axes in order)
+    axes.remove(first)
+    while axes:
+        i = axes.pop(0)
+        out = jnp.einsum("pa,pa...->p...", rows[i], out)
+    return out
+
+
 def kron_outer(vectors: Sequence[jax.Array]) -> jax.Array:
     r"""Flattened outer product :math:`v_1 \otimes \dots \otimes v_d` of vectors ``(..., n_i)``."""
     vectors = check_factors("kron_outer", "vectors", vectors, square=False, ndim=1)

@@ -24,6 +24,7 @@ from kronjax.kron import (
     kron_diag,
     kron_matvec,
     kron_outer,
+    kron_rows_matvec,
     kron_solve_triangular,
     mode_product,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "kron_eig_trace_inv",
     "kron_matvec",
     "kron_outer",
+    "kron_rows_matvec",
     "kron_solve_triangular",
     "mode_product",
     "outer_tensor",

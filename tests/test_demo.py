@@ -59,3 +59,65 @@ def test_demo_help(capsys):
     text = capsys.readouterr().out
     for option in ("--out", "--num-samples", "--num-warmup", "--seed"):
         assert option in text
+
+
+def test_demo_plot_shows_gp_mean_and_full_legend(tmp_path, monkeypatch):
+    """The GP mean is drawn above the bands, distinct from the climatology mean (which
+    coincides with it almost everywhere), and the legend names everything drawn."""
+    import matplotlib.pyplot as plt
+
+    from kronjax import demo
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to inspect it
+    years, _, sst = load_elnino()
+    n_train = len(years) - demo.HOLDOUT
+    clim = np.tile(sst[:n_train].mean(0), demo.HOLDOUT)
+    sd = np.tile(sst[:n_train].std(0, ddof=1), demo.HOLDOUT)
+    out = tmp_path / "plot.png"
+    demo.plot(out, years, sst, n_train, clim, clim - 1.8, clim + 1.8, clim, sd)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (fig,) = figures
+    bottom = fig.axes[1]
+    assert [t.get_text() for t in bottom.get_legend().get_texts()] == [
+        "training data",
+        "held-out truth",
+        "GP predictive mean",
+        "GP 90% predictive band",
+        "climatology mean",
+        "climatology 90% band (± 1.645 sd)",
+    ]
+    lines = {line.get_label(): line for line in bottom.get_lines()}
+    gp_mean, clim_mean = lines["GP predictive mean"], lines["climatology mean"]
+    assert gp_mean.get_linestyle() == "-" and clim_mean.get_linestyle() == "--"
+    assert gp_mean.get_color() != clim_mean.get_color()
+    assert gp_mean.get_linewidth() > 2 * clim_mean.get_linewidth()
+    band = next(c for c in bottom.collections if c.get_label() == "GP 90% predictive band")
+    assert band.get_zorder() < gp_mean.get_zorder() < lines["held-out truth"].get_zorder()
+    plt.close(fig)
+
+
+def test_synthetic_converges_to_the_maximum_likelihood_point(capsys):
+    from kronjax import synthetic_demo
+
+    result = synthetic_demo.run(shape=(12, 10, 8), steps=100, seed=0)
+    printed = capsys.readouterr().out
+    assert result["converged"] and result["grad_norm"] <= synthetic_demo.GTOL
+    assert re.search(r"^converged after \d+ steps", printed, re.M), printed
+    assert "fitted (ML)" in printed and "did not converge" not in printed
+    # the fit is the likelihood maximum of this draw: more likely than the truth, which
+    # lies within a few Laplace standard errors of it (not exactly on it)
+    assert result["loss"] <= result["loss_true"]
+    for key in ("lengthscale", "amplitude", "sigma"):
+        z = np.log(result["true"][key] / result["fitted"][key]) / result["se"][f"log_{key}"]
+        assert np.all(np.abs(z) < 4), (key, z)
+
+
+def test_synthetic_says_when_it_did_not_converge(capsys):
+    from kronjax import synthetic_demo
+
+    result = synthetic_demo.run(shape=(12, 10, 8), steps=2, seed=0)
+    printed = capsys.readouterr().out
+    assert not result["converged"] and result["steps"] == 2 and result["se"] is None
+    assert re.search(r"^did not converge after 2 steps \(gradient norm \S+", printed, re.M)
+    assert "fitted" not in printed and "last iterate" in printed
