@@ -256,7 +256,13 @@ class IterativeMarginal(Distribution):
         max_iters: most conjugate-gradient iterations.
         probes: Rademacher probes for the log determinant; at least ``n_obs`` means the unit
             vectors (exact trace, deterministic).
-        lanczos_steps: Lanczos steps per probe (capped at ``n_obs``).
+        lanczos_steps: Lanczos steps per probe (capped at ``n_obs``). Too few bias the log
+            determinant upward, the Gauss rule's error decaying like
+            :math:`((\sqrt\kappa - 1)/(\sqrt\kappa + 1))^{2k}`; measured
+            (``bench/LANCZOS_STEPS.md``), about :math:`0.4\sqrt\kappa` steps bring the bias
+            below the 16-probe spread. :math:`\kappa(C) \le \kappa(A)` =
+            ``base.condition_number()`` (interlacing), so the default 100 suits
+            :math:`\kappa \lesssim 6 \times 10^4`; raise it for a smaller ``sigma``.
         probe_tol: relative residual of the probe solves of the gradient's trace
             estimate (never tighter than needed: their error is far below the estimate's
             own spread; in the exact mode ``tol`` is used).
@@ -278,7 +284,7 @@ class IterativeMarginal(Distribution):
         tol: float = 1e-6,
         max_iters: int = 1000,
         probes: int = 16,
-        lanczos_steps: int = 40,
+        lanczos_steps: int = 100,
         probe_tol: float = 1e-2,
         key=0,
         validate_args: bool | None = None,
@@ -328,6 +334,13 @@ class IterativeMarginal(Distribution):
             return None
         return self.cell_noise[..., np.asarray(self.observed)]
 
+    def _residual(self, value) -> jax.Array:
+        r""":math:`y_o - \mu_o`, broadcast to the batch shape (the solves need one shape)."""
+        r = jnp.asarray(value) - self.base.loc[..., np.asarray(self.observed)]
+        return jnp.broadcast_to(
+            r, jnp.broadcast_shapes(r.shape, self.batch_shape + self.event_shape)
+        )
+
     def solve(self, b: jax.Array) -> jax.Array:
         r""":math:`C^{-1} b` for ``b`` ``(..., n_obs)``, differentiable (implicitly)."""
         return _solve(self.config, self.base.covariance, self._noise_o(), b)
@@ -335,7 +348,7 @@ class IterativeMarginal(Distribution):
     def solver_info(self, value: jax.Array) -> SolverInfo:
         """Iterations and final relative residual of the solve that ``log_prob(value)`` runs."""
         cov, noise_o = self.base.covariance, self._noise_o()
-        r = value - self.base.loc[..., np.asarray(self.observed)]
+        r = self._residual(value)
         matvec = _observed_matvec(self.config, cov, noise_o)
         return _pcg(self.config, matvec, _preconditioner(self.config, cov, noise_o), r)[1]
 
@@ -349,8 +362,7 @@ class IterativeMarginal(Distribution):
                 f"(..., {n_obs}), one entry per observed cell"
             )
         self.base.check_conditioning("the iterative marginal")
-        r = value - self.base.loc[..., np.asarray(self.observed)]
-        r = jnp.broadcast_to(r, jnp.broadcast_shapes(r.shape, self.batch_shape + (n_obs,)))
+        r = self._residual(value)
         return _log_density(self.config, self.base.covariance, self._noise_o(), self.probes, r)
 
     def sample(self, key, sample_shape=()) -> jax.Array:
@@ -391,7 +403,7 @@ class IterativeMarginal(Distribution):
         cov, obs = self.base.covariance, np.asarray(self.observed)
         n = self.config.size
         signal = lambda x: linalg.kron_matvec(cov.factor_covs(), x)  # noqa: E731
-        r = value - self.base.loc[..., obs]
+        r = self._residual(value)
         mean = self.base.loc + signal(_fill(self.config, self.solve(r)))
         k1, k2, k3 = jax.random.split(key, 3)
         shape = tuple(sample_shape) + self.batch_shape + (n,)
@@ -414,40 +426,51 @@ class IterativeMarginal(Distribution):
         j to the observed cells: :math:`m_j = k_j^\top C^{-1} r_o` (one solve, then a
         Kronecker product), :math:`v_j = \prod_i K_{**i}[j] - k_j^\top C^{-1} k_j`
         (exact: one batched solve per ``block`` test points, memory
-        :math:`O(\text{block} \cdot N)`), plus :math:`\sigma^2` with ``pred_noise``. For
-        very many test points, estimate the variance from :meth:`impute`'s draws instead.
-        ``grid`` as in :func:`kronjax.gp.predict`. Unbatched distributions only."""
-        if self.batch_shape:
-            raise NotImplementedError(
-                f"IterativeMarginal.predict: batch shape {self.batch_shape}; predict on "
-                "an unbatched marginal (jax.vmap over the members)"
-            )
+        :math:`O(\text{block} \cdot N)` per batch member), plus :math:`\sigma^2` with
+        ``pred_noise``. For very many test points, estimate the variance from
+        :meth:`impute`'s draws instead. ``grid`` as in :func:`kronjax.gp.predict`. A batched
+        marginal (batched factors, ``sigma`` or ``cell_noise``) gives ``(..., M)``; the
+        ``cross_covs`` and ``test_diags`` are shared by the batch members."""
         obs = np.asarray(self.observed)
         kstars = [jnp.asarray(k) for k in cross_covs]
-        r = value - self.base.loc[..., obs]
-        alpha = _fill(self.config, self.solve(r))
+        for i, k in enumerate(kstars):
+            if k.ndim != 2:
+                raise ValueError(
+                    f"IterativeMarginal.predict: cross_covs[{i}] has shape {k.shape}; expected "
+                    "(m_i, n_i), shared by the batch members (jax.vmap for one per member)"
+                )
+        alpha = _fill(self.config, self.solve(self._residual(value)))
         sizes = tuple(k.shape[-1] for k in kstars)
         if grid:
             mean = linalg.kron_matvec(kstars, alpha)
             index = np.indices(tuple(k.shape[0] for k in kstars)).reshape(len(kstars), -1).T
         else:
             index = np.repeat(np.arange(kstars[0].shape[0])[:, None], len(kstars), 1)
-            mean = linalg.kron_rows_matvec(kstars, alpha.reshape(sizes))
+            contract = lambda a: linalg.kron_rows_matvec(kstars, a.reshape(sizes))  # noqa: E731
+            mean = jnp.vectorize(contract, signature="(n)->(p)")(alpha)
         if test_diags is None:
             return mean, None
+        batch = self.batch_shape
 
         def one_block(idx):
             rows = linalg.kron_outer([k[idx[:, i]] for i, k in enumerate(kstars)])[..., obs]
+            rows = jnp.broadcast_to(
+                rows.reshape(rows.shape[:1] + (1,) * len(batch) + rows.shape[1:]),
+                rows.shape[:1] + batch + rows.shape[1:],
+            )
             prior = 1.0
             for i, diag in enumerate(test_diags):
                 prior = prior * jnp.asarray(diag)[idx[:, i]]
-            return prior - jnp.sum(rows * self.solve(rows), -1)
+            prior = prior.reshape(prior.shape + (1,) * len(batch))
+            return prior - jnp.sum(rows * self.solve(rows), -1)  # (block, *batch)
 
         count = index.shape[0]
         pad = (-count) % block
         blocks = np.concatenate([index, index[:pad] if pad else index[:0]])
         blocks = blocks.reshape(-1, min(block, blocks.shape[0]), len(kstars))
-        var = jax.lax.map(one_block, jnp.asarray(blocks)).reshape(-1)[:count]
+        var = jax.lax.map(one_block, jnp.asarray(blocks))
+        var = jnp.moveaxis(var.reshape((-1,) + batch)[:count], 0, -1)  # (*batch, M)
         if pred_noise:
-            var = var + self.base.covariance.sigma2()
-        return mean, var
+            var = var + jnp.asarray(self.base.covariance.sigma2())[..., None]
+        shape = jnp.broadcast_shapes(mean.shape, var.shape)
+        return jnp.broadcast_to(mean, shape), jnp.broadcast_to(var, shape)

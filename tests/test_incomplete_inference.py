@@ -66,6 +66,6 @@ def test_nuts_posterior_matches_the_dense_model():
         s = mcmc.get_samples()
         draws = np.column_stack([s["ell"], s["sigma"]])
         stats[kind] = (draws.mean(0), draws.std(0))
-    np.testing.assert_array_less(
-        np.abs(stats["kronjax"][0] - stats["dense"][0]), 0.25 * stats["dense"][1]
-    )
+    diff = np.abs(stats["kronjax"][0] - stats["dense"][0]) / stats["dense"][1]
+    print("NUTS mean difference / posterior sd:", diff)
+    np.testing.assert_array_less(diff, 0.25)
