@@ -176,3 +176,20 @@ def versions():
         except Exception:  # noqa: BLE001 - a missing peer is just skipped
             out[name] = "missing"
     return out
+
+
+def run_record(command: str) -> tuple[dict, list[str]]:
+    """The record of one benchmark run (date, exact command, machine, versions) and its
+    Markdown header lines, shared by a results file and its report."""
+    meta = dict(
+        date=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        command=command,
+        machine=machine(),
+        versions=versions(),
+    )
+    lines = [
+        f"- date {meta['date']}; command `{command}`",
+        f"- machine: {meta['machine']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+    ]
+    return meta, lines

@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from bench.common import machine, versions  # noqa: E402
+from bench.common import run_record  # noqa: E402
 from kronjax import KroneckerNormal  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -96,20 +96,13 @@ def write(r):
     command = "python -m bench.incomplete_fit" + (
         "" if (r["side"], r["steps"]) == (256, 60) else f" --side {r['side']} --steps {r['steps']}"
     )
-    meta = dict(
-        date=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        command=command,
-        machine=machine(),
-        versions=versions(),
-    )
+    meta, header = run_record(command)
     (HERE / "results_incomplete_fit.json").write_text(json.dumps(dict(meta=meta, **r), indent=1))
     last = r["trace"][-5:]
     lines = [
         "# A 256 × 256 grid with 30% missing, fitted with optax (iterative marginal)",
         "",
-        f"- date {meta['date']}; command `{command}`",
-        f"- machine: {meta['machine']}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        *header,
         f"- grid {r['side']}×{r['side']}, {r['missing']} cells missing; Adam 0.05 on log "
         f"(ℓ1, ℓ2, σ) from {tuple(r['start'])}; marginal at its defaults (tol 1e-6, 16 probes, "
         "100 Lanczos steps)",

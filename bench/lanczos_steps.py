@@ -14,7 +14,6 @@ writes ``bench/LANCZOS_STEPS.md`` and ``bench/results_lanczos_steps.json``.
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -23,7 +22,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import machine, time_call, versions  # noqa: E402
+from bench.common import run_record, time_call  # noqa: E402
 from kronjax import KroneckerNormal  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -92,21 +91,14 @@ def main():
 
 def write(rows):
     command = "python -m bench.lanczos_steps"
-    meta = dict(
-        date=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        command=command,
-        machine=machine(),
-        versions=versions(),
-    )
+    meta, header = run_record(command)
     (HERE / "results_lanczos_steps.json").write_text(
         json.dumps(dict(meta=meta, rows=rows), indent=1)
     )
     lines = [
         "# Lanczos steps of the iterative marginal: log-determinant bias and time",
         "",
-        f"- date {meta['date']}; command `{command}`",
-        f"- machine: {meta['machine']}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        *header,
         "- RBF ℓ = (0.1, 0.15) on [0, 1]², 30% of cells missing at random, float64. Bias: the "
         "mean of 4 × 64-probe estimates minus the dense `slogdet` (± its standard error). "
         "Time: one log density + gradient at 16 probes, tol 1e-6, median of 3.",
