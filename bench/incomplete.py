@@ -6,7 +6,7 @@
 Two-factor RBF grid GP (axes linspace(0, 1, n_i), ℓ = 0.2, 0.3, σ = 0.1, y a draw of the model,
 seed 0), a random fraction of cells missing (seed 1); log likelihood of the observed cells and
 its gradient w.r.t. (ℓ₁, ℓ₂, σ), float64, by kronjax ``marginal(mask, method="exact")`` (m ≤ 3000
-missing only) and ``method="iterative"`` (defaults: tol 1e-6, 16 probes, 40 Lanczos steps), each
+missing only) and ``method="iterative"`` (defaults: tol 1e-6, 16 probes, 100 Lanczos steps, probe_tol 1e-2), each
 a ``jit(value_and_grad)`` compiled ahead; BoTorch's ``LatentKroneckerGP`` (RBF X and T kernels,
 no ScaleKernel or transforms): ``-ExactMarginalLogLikelihood`` under ``use_iterative_methods()``
 as in BoTorch's tests, forward + backward, times n_obs; dense SciPy Cholesky, the reference for

@@ -152,8 +152,12 @@ class KroneckerCovariance:
         r""":math:`A x` on the full grid, :math:`O(N \sum_i n_i)`."""
         out = linalg.kron_matvec(self.factor_covs(), x)
         if self.sigma is not None:
-            out = out + self.sigma2()[..., None] * linalg.kron_matvec(self.noise_mats(), x)
+            out = out + self.sigma2()[..., None] * self.noise_matvec(x)
         return out
+
+    def noise_matvec(self, x: jax.Array) -> jax.Array:
+        r""":math:`(\otimes S_i) x`: ``x`` itself without noise factors."""
+        return x
 
     def diag(self) -> jax.Array:
         r""":math:`\operatorname{diag} A = \otimes \operatorname{diag} K_i + \sigma^2

@@ -101,6 +101,9 @@ class WhitenedCovariance(KroneckerCovariance):
 
         return tuple(map(dense, self.noise_factors, self.noise_chols, self.factor_sizes))
 
+    def noise_matvec(self, x):
+        return linalg.kron_matvec(self.noise_mats(), x)
+
     def _noise_half_logdet(self):
         roots = [
             c for c, a in zip(self.noise_roots(), self.noise_factors, strict=True) if a is not None
