@@ -5,15 +5,18 @@
 
 Two-factor RBF grid GP (axes linspace(0, 1, n_i), ℓ = 0.2, 0.3, σ = 0.1, y a draw of the model,
 seed 0), a random fraction of cells missing (seed 1); log likelihood of the observed cells and
-its gradient w.r.t. (ℓ₁, ℓ₂, σ), float64, by kronjax ``marginal(mask, method="exact")`` (m ≤ 3000
-missing only) and ``method="iterative"`` (defaults: tol 1e-6, 16 probes, 100 Lanczos steps, probe_tol 1e-2), each
-a ``jit(value_and_grad)`` compiled ahead; BoTorch's ``LatentKroneckerGP`` (RBF X and T kernels,
-no ScaleKernel or transforms): ``-ExactMarginalLogLikelihood`` under ``use_iterative_methods()``
-as in BoTorch's tests, forward + backward, times n_obs; dense SciPy Cholesky, the reference for
-N ≤ 6000. Warm-up, then the median of 3 calls (5 if under 1 s); one subprocess per (problem,
-system); a call over 60 s is "skipped (time)", as are that system's larger grids at that
-fraction. "iterative (BoTorch-like)" is the iterative route at GPyTorch's settings (tol 1e-2,
-10 probes, 20 Lanczos steps). A sweep over m locates the exact/iterative crossover for "auto".
+its gradient w.r.t. (ℓ₁, ℓ₂, σ), float64, by kronjax ``marginal(mask, method="exact")`` (m ≤
+3000 missing only) and ``method="iterative"`` (defaults: tol 1e-6, 16 probes, 100 Lanczos steps,
+probe_tol 1e-2, precond_rank 128), each a ``jit(value_and_grad)`` compiled ahead; BoTorch's
+``LatentKroneckerGP`` (RBF X and T kernels, no ScaleKernel or transforms):
+``-ExactMarginalLogLikelihood`` under ``use_iterative_methods()`` as in BoTorch's tests, forward
++ backward, times n_obs; dense SciPy Cholesky, the reference for N ≤ 6000. Warm-up, then the
+median of 3 calls (5 if under 1 s); one subprocess per (problem, system); a call over 60 s is
+"skipped (time)", as are that system's larger grids at that fraction. "iterative (BoTorch-like)"
+is the iterative route at GPyTorch's settings (tol 1e-2, 10 probes, 20 Lanczos steps). Where
+neither the dense nor the exact route runs, kronjax's iterative route at ``TIGHT`` settings is
+the (self-consistency) reference. A sweep over m locates the exact/iterative crossover for
+"auto".
 """
 
 import argparse
@@ -42,6 +45,7 @@ FRACS = (0.1, 0.3, 0.6)
 SWEEP_M = (64, 256, 512, 1024, 2048, 3000)
 EXACT_MAX_M, DENSE_MAX_N, CALL_CAP_S = 3000, 6000, 60.0
 MATCHED = dict(tol=1e-2, probes=10, lanczos_steps=20)  # GPyTorch's under use_iterative_methods
+TIGHT = dict(tol=1e-10, probe_tol=1e-8, precond_rank=256, lanczos_steps=200)  # large-N reference
 SWEEP_MAX_MN = 7e7  # the exact route peaks near 10 m N doubles (2 GB at m 1638, N 16384)
 HERE = os.path.dirname(os.path.abspath(__file__))  # outputs go here; jobs run from its parent
 
@@ -151,8 +155,9 @@ def measure(job):
     sizes, system, load = tuple(job["grid"]), job["system"], os.getloadavg()[0]
     route = {"botorch": botorch_route, "dense": dense_route}.get(system)
     args = (sizes, *problem(sizes, job["m"]))
-    if system == "matched":
-        route = lambda *a: kronjax_route(*a, "iterative", **MATCHED)  # noqa: E731
+    if system in ("matched", "tight"):
+        options = MATCHED if system == "matched" else TIGHT
+        route = lambda *a: kronjax_route(*a, "iterative", **options)  # noqa: E731
     call, out = route(*args) if route else kronjax_route(*args, system)
     skipped = json.dumps(dict(out, status="skipped (time)", load=load))
     times = []
@@ -208,13 +213,15 @@ def run_all(quick):
             n, m = math.prod(sizes), round(frac * math.prod(sizes))
             row = {"grid": list(sizes), "N": n, "frac": frac, "m": m}
             systems = ["dense"] * (n <= DENSE_MAX_N) + ["exact"] * (m <= EXACT_MAX_M)
+            systems += ["tight"] * (n > DENSE_MAX_N and m > EXACT_MAX_M)
             for s in systems + ["iterative", "matched", "botorch"]:
                 job = {"grid": list(sizes), "m": m, "system": s}
                 row[s] = dict(job, status="skipped (time)") if (s, frac) in slow else run_job(job)
                 if row[s]["status"] == "skipped (time)":
                     slow.add((s, frac))  # a larger grid would be slower still
                 print(f"{sizes} m={m} {s}: {cell(row[s])}", flush=True)
-            row["ref"] = "dense" if "dense" in row else ("exact" if ok(row.get("exact")) else None)
+            refs = [s for s in ("dense", "exact", "tight") if ok(row.get(s))]
+            row["ref"] = refs[0] if refs else None
             for s in ("exact", "iterative", "matched", "botorch"):
                 row[f"err_{s}"] = errs(row.get(s), row.get(row["ref"]))
             row["iterative_vs_botorch"] = errs(row["iterative"], row["botorch"])
@@ -379,7 +386,9 @@ def report(res):
         + "; BoTorch's import sets max_cholesky_size 4096, so n_obs ≤ 4096 is a dense Cholesky",
         "- errors: relative error of the log likelihood (in brackets: max-norm relative error "
         "of the gradient) against the dense Cholesky where N ≤ 6000, else kronjax exact where it "
-        "ran, else —; CG iterations from `solver_info` (also where the timing was skipped)",
+        "ran, else kronjax iterative at tight settings (`TIGHT`: tol 1e-10, probe_tol 1e-8, "
+        "rank 256, 200 Lanczos steps; a self-consistency reference, not an independent one); "
+        "CG iterations of the data solve from `solver_info` (also where the timing was skipped)",
         "",
         "| grid | N | missing % | m | time exact | time iterative | time BoTorch | iterative / "
         "BoTorch | exact / iterative | CG iterations (kronjax) | rel. err exact | rel. err "
