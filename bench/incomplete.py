@@ -247,12 +247,11 @@ def run_all(quick):
 
 def crossover(points):
     """Per grid, the m where exact/iterative time = 1, by a least-squares line through
-    log(ratio) vs log(m) over m ≥ 256 (below that fixed costs dominate); only where the
-    measured ratios straddle 1."""
+    log(ratio) vs log(m) over the swept m; only where the measured ratios straddle 1."""
     out = {}
     for grid in sorted({tuple(g) for g, _, _ in points}):
         pts = [
-            (math.log(m), math.log(q)) for g, m, q in points if tuple(g) == grid and q and m >= 256
+            (math.log(m), math.log(q)) for g, m, q in points if tuple(g) == grid and q
         ]
         if len(pts) > 1 and min(q for _, q in pts) < 0 < max(q for _, q in pts):
             slope, icpt = np.polyfit(*zip(*pts), 1)
@@ -278,15 +277,15 @@ def observations(rows, sweep, cross):
     span = lambda xs, f=".2f": f"{min(xs):{f}}–{max(xs):{f}}" if xs else "—"  # noqa: E731
     at = lambda m: [p["ratio"] for p in sweep if p["m"] == m and p["ratio"]]  # noqa: E731
     lo, hi = (min(cross.values()), max(cross.values())) if cross else (0, 0)
-    rec = [k for k in range(256, 4097, 256) if lo <= k <= hi] or (
-        [256 * round(statistics.median(cross.values()) / 256)] if cross else ["? (no crossover)"]
+    rec = [k for k in range(64, 4097, 64) if lo <= k <= hi] or (
+        [64 * round(statistics.median(cross.values()) / 64)] if cross else ["? (no crossover)"]
     )
     loads = [
         x["load"] for d in rows + sweep for x in d.values() if isinstance(x, dict) and "load" in x
     ]
     big = max((p for p in sweep if ok(p["exact"])), key=lambda p: p["m"] * p["N"], default=None)
     text = (
-        "**Exact vs iterative.** Equal times (log-log fit over the sweep, m ≥ 256) at "
+        "**Exact vs iterative.** Equal times (log-log fit over the swept m) at "
         + (", ".join(f"m ≈ {m} on {g}" for g, m in cross.items()) or "no swept m")
         + f": the crossover in m hardly moves with N, as both routes cost O(N Σn_i) per "
         f"missing cell or per operator application. Exact takes {span(at(512))} × the "

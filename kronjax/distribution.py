@@ -23,9 +23,10 @@ _LOG_2PI = math.log(2 * math.pi)
 
 #: ``marginal(method="auto")`` takes the exact route up to this many missing cells, and
 #: while the exact route's m × N solves stay under ``AUTO_EXACT_MAX_CELLS`` entries. Measured
-#: (``bench/INCOMPLETE.md``): equal times at m ≈ 670 (64×48), 750 (128×128) and 800
-#: (256×256); the exact route's peak memory is 8–27 × m·N doubles.
-AUTO_EXACT_MAX_MISSING = 768
+#: (``bench/INCOMPLETE.md``, the iterative route with its rank-128 preconditioner): equal
+#: times at m ≈ 188 (64×48), 197 (128×128) and 128 (256×256); the exact route's peak memory
+#: is 8–27 × m·N doubles.
+AUTO_EXACT_MAX_MISSING = 192
 AUTO_EXACT_MAX_CELLS = 2**24
 
 
@@ -277,10 +278,11 @@ class KroneckerNormal(Distribution):
           no ``cell_noise``.
         * ``"iterative"``: :class:`kronjax.incomplete.IterativeMarginal`, preconditioned
           conjugate gradients and stochastic Lanczos quadrature, :math:`O(N \sum_i n_i)`
-          per operator application, memory :math:`O(N \cdot \text{probes})`; ``options``
-          (``tol``, ``max_iters``, ``probes``, ``lanczos_steps``, ``key``) go to it.
+          per operator application, memory :math:`O(N \cdot \text{probes} + n_o r)`; ``options``
+          (``tol``, ``max_iters``, ``probes``, ``lanczos_steps``, ``probe_tol``,
+          ``precond_rank``, ``key``) go to it.
         * ``"auto"`` (default): ``"iterative"`` when ``cell_noise`` is given or more than
-          ``AUTO_EXACT_MAX_MISSING`` (768) cells are missing or ``m·N`` exceeds
+          ``AUTO_EXACT_MAX_MISSING`` (192) cells are missing or ``m·N`` exceeds
           ``AUTO_EXACT_MAX_CELLS`` (2²⁴) (the measured crossover and the exact route's
           memory, ``bench/INCOMPLETE.md``), else ``"exact"``.
         """

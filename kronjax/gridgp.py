@@ -96,7 +96,7 @@ class GridGP:
         names: axis names, e.g. ``("year", "month")``, for grid-shaped sites and ArviZ
             ``dims`` (:meth:`dims`); default ``("axis_0", …)``.
         options: solver options of the iterative route (``tol``, ``max_iters``, ``probes``,
-            ``lanczos_steps``, ``probe_tol``, ``key``).
+            ``lanczos_steps``, ``probe_tol``, ``precond_rank``, ``key``).
     """
 
     def __init__(

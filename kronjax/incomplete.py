@@ -480,11 +480,13 @@ class IterativeMarginal(Distribution):
     optional per-cell noise, by structured iterative solves (see the module docstring).
 
     Built by ``dist.marginal(observed, method="iterative", ...)``; ``event_shape ==
-    (n_obs,)`` in the order of ``observed``. Per ``log_prob``: about
-    ``2 × iterations`` (the preconditioned solve) ``+ probes × max(lanczos_steps, probe
-    iterations)`` applications of the complete-grid operator, :math:`O(N \sum_i n_i)`
-    each. The log determinant (and its gradient) is a
-    stochastic estimate with a fixed seed; the quadratic term is exact to ``tol``.
+    (n_obs,)`` in the order of ``observed``. Per ``log_prob`` with its gradient: the data
+    solve's and the probes' iterations (each one application of the complete-grid operator,
+    :math:`O(N \sum_i n_i)`, per vector), plus ``1 + probes + precond_rank`` differentiated
+    applications for the gradient, plus :math:`O(n_o r^2)` to build P. The log determinant
+    (and its gradient) is a stochastic estimate with a fixed seed, nearly exact where P
+    captures the signal (``solver_info(y).precond_gap <= 1``); the quadratic term is exact
+    to ``tol``.
 
     Args:
         base: the complete-grid ``KroneckerNormal``.
@@ -496,13 +498,15 @@ class IterativeMarginal(Distribution):
         probes: probes for the log determinant (Rademacher draws coloured to covariance
             P); at least ``n_obs`` means the ``precond_rank + n_obs`` columns of a root of P
             (exact trace, deterministic).
-        lanczos_steps: Lanczos steps per probe (capped at ``n_obs``). Too few bias the log
-            determinant upward, the Gauss rule's error decaying like
-            :math:`((\sqrt\kappa - 1)/(\sqrt\kappa + 1))^{2k}`; measured
-            (``bench/LANCZOS_STEPS.md``), about :math:`0.4\sqrt\kappa` steps bring the bias
-            below the 16-probe spread. :math:`\kappa(C) \le \kappa(A)` =
-            ``base.condition_number()`` (interlacing), so the default 100 suits
-            :math:`\kappa \lesssim 6 \times 10^4`; raise it for a smaller ``sigma``.
+        lanczos_steps: Lanczos steps per probe at most (capped at ``n_obs``; the loop ends
+            earlier once every probe has converged to round-off, a few steps when P is nearly
+            C). Too few bias the log determinant upward, the Gauss rule's error decaying like
+            :math:`((\sqrt\kappa - 1)/(\sqrt\kappa + 1))^{2k}` with :math:`\kappa =
+            \kappa(P^{-1} C) \le 1 + ` ``precond_gap``; without a preconditioner
+            (``precond_rank=0``, noise factors, no ``sigma``) :math:`\kappa(C) \le` ``base.
+            condition_number()``, and about :math:`0.4\sqrt\kappa` steps bring the bias
+            below the 16-probe spread (measured, ``bench/LANCZOS_STEPS.md``), so the default
+            100 suits :math:`\kappa \lesssim 6 \times 10^4` there.
         probe_tol: relative residual of the probe solves of the gradient's trace
             estimate (never tighter than needed: at 1e-2 their error was under a tenth of
             the estimate's spread over seeds on 128×128; in the exact mode ``tol`` is used).
