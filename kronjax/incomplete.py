@@ -71,6 +71,7 @@ from kronjax.marginal import observed_indices
 __all__ = ["IterativeMarginal", "SolverInfo"]
 
 _LOG_2PI = math.log(2 * math.pi)
+_PRECOND_ENTRIES = 2**20  # default precond_rank: r·N up to this (at least 128)
 
 
 class SolverInfo(NamedTuple):
@@ -514,9 +515,11 @@ class IterativeMarginal(Distribution):
             signal plus the diagonal noise; used with ``sigma`` on the eigen route, capped
             at ``n_obs``). The spectrum of :math:`P^{-1} C` lies in :math:`[1, 1 +
             \lambda_{r+1}/\sigma^2]`: an RBF grid up to 512×512 has fewer than 130
-            eigenvalues above :math:`0.01\sigma^2` at σ ≥ 0.03 (ℓ 0.2 and 0.3 on [0, 1]), so
-            the default 128 makes P nearly C there; raise it for rough kernels (Matérn-½)
-            or a small σ. Memory :math:`O(n_o r)`.
+            eigenvalues above :math:`0.01\sigma^2` at σ ≥ 0.03 (ℓ 0.2 and 0.3 on [0, 1]).
+            Default: as large as keeps :math:`r N \le 2^{20}` (the gradient's r
+            differentiated applications, 8 MiB in float64), at least 128; raise it for
+            rough kernels or a small σ (``solver_info(y).precond_gap > 1``). Memory
+            :math:`O(n_o r)`.
         key: the probes' seed (an int or a PRNG key).
     """
 
@@ -537,12 +540,14 @@ class IterativeMarginal(Distribution):
         probes: int = 16,
         lanczos_steps: int = 100,
         probe_tol: float = 1e-2,
-        precond_rank: int = 128,
+        precond_rank: int | None = None,
         key=0,
         validate_args: bool | None = None,
     ):
         n = base.event_shape[0]
         obs = np.arange(n) if observed is None else observed_indices(observed, n)
+        if precond_rank is None:
+            precond_rank = max(128, _PRECOND_ENTRIES // n)
         for name, value, least in (
             ("probes", probes, 1),
             ("lanczos_steps", lanczos_steps, 1),
