@@ -250,9 +250,7 @@ def crossover(points):
     log(ratio) vs log(m) over the swept m; only where the measured ratios straddle 1."""
     out = {}
     for grid in sorted({tuple(g) for g, _, _ in points}):
-        pts = [
-            (math.log(m), math.log(q)) for g, m, q in points if tuple(g) == grid and q
-        ]
+        pts = [(math.log(m), math.log(q)) for g, m, q in points if tuple(g) == grid and q]
         if len(pts) > 1 and min(q for _, q in pts) < 0 < max(q for _, q in pts):
             slope, icpt = np.polyfit(*zip(*pts), 1)
             out[f"{grid[0]}×{grid[1]}"] = round(math.exp(-icpt / slope))
