@@ -502,12 +502,14 @@ class IterativeMarginal(Distribution):
         lanczos_steps: Lanczos steps per probe at most (capped at ``n_obs``; the loop ends
             earlier once every probe has converged to round-off, a few steps when P is nearly
             C). Too few bias the log determinant upward, the Gauss rule's error decaying like
-            :math:`((\sqrt\kappa - 1)/(\sqrt\kappa + 1))^{2k}` with :math:`\kappa =
-            \kappa(P^{-1} C) \le 1 + ` ``precond_gap``; without a preconditioner
-            (``precond_rank=0``, noise factors, no ``sigma``) :math:`\kappa(C) \le` ``base.
-            condition_number()``, and about :math:`0.4\sqrt\kappa` steps bring the bias
-            below the 16-probe spread (measured, ``bench/LANCZOS_STEPS.md``), so the default
-            100 suits :math:`\kappa \lesssim 6 \times 10^4` there.
+            :math:`((\sqrt\kappa - 1)/(\sqrt\kappa + 1))^{2k}`; about :math:`0.4\sqrt\kappa`
+            steps bring the bias below the 16-probe spread (measured without a
+            preconditioner, ``bench/LANCZOS_STEPS.md``). With the preconditioner
+            :math:`\kappa = \kappa(P^{-1} C) \le 1 +` ``precond_gap``, and the default 40
+            suits a gap up to about :math:`10^4`; without it (``precond_rank=0``, noise
+            factors, no ``sigma``) :math:`\kappa(C) \le` ``base.condition_number()`` and the
+            default is 100, for :math:`\kappa \lesssim 6 \times 10^4`. Each evaluation
+            also diagonalizes a ``lanczos_steps``-square tridiagonal per probe.
         probe_tol: relative residual of the probe solves of the gradient's trace
             estimate (never tighter than needed: at 1e-2 their error was under a tenth of
             the estimate's spread over seeds on 128×128; in the exact mode ``tol`` is used).
@@ -538,7 +540,7 @@ class IterativeMarginal(Distribution):
         tol: float = 1e-6,
         max_iters: int = 1000,
         probes: int = 16,
-        lanczos_steps: int = 100,
+        lanczos_steps: int | None = None,
         probe_tol: float = 1e-2,
         precond_rank: int | None = None,
         key=0,
@@ -550,7 +552,7 @@ class IterativeMarginal(Distribution):
             precond_rank = max(128, _PRECOND_ENTRIES // n)
         for name, value, least in (
             ("probes", probes, 1),
-            ("lanczos_steps", lanczos_steps, 1),
+            ("lanczos_steps", 1 if lanczos_steps is None else lanczos_steps, 1),
             ("precond_rank", precond_rank, 0),
         ):
             if int(value) < least:
@@ -581,6 +583,8 @@ class IterativeMarginal(Distribution):
         cov = base.covariance
         low_rank = isinstance(cov, EigenCovariance) and cov.sigma is not None
         rank = min(int(precond_rank), obs.size) if low_rank else 0
+        if lanczos_steps is None:
+            lanczos_steps = 40 if rank else 100
         self.probes, exact = _probe_draws(key, int(probes), batch, base.loc.dtype, obs.size, rank)
         self.base, self.cell_noise = base, cell_noise
         steps = min(int(lanczos_steps), obs.size)
