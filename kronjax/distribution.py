@@ -24,7 +24,7 @@ _LOG_2PI = math.log(2 * math.pi)
 #: ``marginal(method="auto")`` takes the exact route up to this many missing cells, and
 #: while the exact route's m × N solves stay under ``AUTO_EXACT_MAX_CELLS`` entries. Measured
 #: (``bench/INCOMPLETE.md``, the iterative route with its default preconditioner): equal
-#: times at m ≈ 419 (64×48, rank 341), 182 (128×128) and 128 (256×256, both rank 128); the
+#: times at m ≈ 421 (64×48, rank 341), 185 (128×128) and 128 (256×256, both rank 128); the
 #: exact route's peak memory is 8–27 × m·N doubles.
 AUTO_EXACT_MAX_MISSING = 192
 AUTO_EXACT_MAX_CELLS = 2**24
