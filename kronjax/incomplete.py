@@ -152,14 +152,14 @@ class _LowRank(NamedTuple):
         return self.u / self.d[..., None]
 
     def inv(self, x):
+        """:math:`P^{-1} x = D^{-1} (x - U M^{-1} U^\\top D^{-1} x)`."""
         out = x / self.d
         if self.u.shape[-1]:
-            v = self.v
-            t = jnp.einsum("...n,...nr->...r", x, v)[..., None]
+            t = jnp.einsum("...n,...nr->...r", out, self.u)[..., None]
             t = lapack.solve_triangular(
                 self.chol, lapack.solve_triangular(self.chol, t), trans=True
             )
-            out = out - jnp.einsum("...nr,...r->...n", v, t[..., 0])
+            out = out - jnp.einsum("...nr,...r->...n", self.u, t[..., 0]) / self.d
         return out
 
     def m_inv(self):
@@ -203,16 +203,7 @@ def _low_rank(cfg, cov, noise_o) -> _LowRank:
         ones = jnp.ones(batch + (n_o,), dtype)
         empty = jnp.zeros(batch + (n_o, 0), dtype), jnp.zeros(batch + (0, 0), dtype)
         return _LowRank(empty[0], ones, empty[1], jnp.full(batch, jnp.inf, dtype))
-    lam = None
-    for v in cov.eigvals:
-        v = jnp.maximum(v, 0)
-        lam = (
-            v
-            if lam is None
-            else (lam[..., :, None] * v[..., None, :]).reshape(
-                jnp.broadcast_shapes(lam.shape[:-1], v.shape[:-1]) + (-1,)
-            )
-        )
+    lam = linalg.kron_outer([jnp.maximum(v, 0) for v in cov.eigvals])
     top_vals, top = jax.lax.top_k(lam, min(cfg.rank + 1, cfg.size))  # flat eigen indices
     rest = top_vals[..., cfg.rank] if cfg.rank < cfg.size else jnp.zeros_like(top_vals[..., 0])
     top_vals, top = top_vals[..., : cfg.rank], top[..., : cfg.rank]
@@ -232,12 +223,10 @@ def _low_rank(cfg, cov, noise_o) -> _LowRank:
     return _LowRank(u, d, chol, gap)
 
 
-def _main_preconditioner(cfg, cov, noise_o):
+def _data_preconditioner(cfg, cov, noise_o, low_rank: _LowRank):
     """The preconditioner of the solves with data: the low-rank one, or the restricted
     complete-grid inverse where there is none."""
-    if cfg.rank:
-        return _low_rank(cfg, cov, noise_o).inv
-    return _restricted_inverse(cfg, cov, noise_o)
+    return low_rank.inv if cfg.rank else _restricted_inverse(cfg, cov, noise_o)
 
 
 def _pcg(cfg, matvec, precond, b):
@@ -273,7 +262,7 @@ def _pcg(cfg, matvec, precond, b):
 def _solve(cfg, cov, noise_o, b):
     """:math:`C^{-1} b`, derivatives by implicit differentiation (every order)."""
     matvec = _observed_matvec(cfg, cov, noise_o)
-    precond = _main_preconditioner(cfg, cov, noise_o)
+    precond = _data_preconditioner(cfg, cov, noise_o, _low_rank(cfg, cov, noise_o))
     return jax.lax.custom_linear_solve(
         matvec, b, lambda mv, rhs: _pcg(cfg, mv, precond, rhs)[0], symmetric=True
     )
@@ -288,6 +277,7 @@ class _Krylov(NamedTuple):
     off: jax.Array
     znorm: jax.Array
     x: jax.Array
+    pz: jax.Array  # P⁻¹z, the first preconditioned residual
     info: SolverInfo
 
 
@@ -355,7 +345,7 @@ def _cg_lanczos(cfg, matvec, precond, z, solve_tol=None):
     )
     k, x, r, _, _, _, diag, off, _ = jax.lax.while_loop(cond, body, state)
     znorm = jnp.sqrt(jnp.maximum(rz0, 0))[..., 0]
-    return _Krylov(diag, off, znorm, x, SolverInfo(k, residual(r)))
+    return _Krylov(diag, off, znorm, x, pz, SolverInfo(k, residual(r)))
 
 
 def _gauss_logquad(krylov, steps: int):
@@ -383,25 +373,22 @@ class _Parts(NamedTuple):
     alpha: jax.Array
     info: SolverInfo
     precond: _LowRank
-    z: jax.Array
     krylov: _Krylov
 
 
 def _log_density_parts(cfg, cov, noise_o, eps, r, solve_tol=None):
     r"""The log density with what its derivative reuses: :math:`\alpha = C^{-1} r`, the
-    preconditioner P, the probes :math:`z = P^{1/2}`-draws of ``eps`` and their
-    :class:`_Krylov` (solves to ``solve_tol`` when given). :math:`\log\det C = \log\det P +
+    preconditioner P and the :class:`_Krylov` of the probes drawn from ``eps`` with
+    covariance P (their solves to ``solve_tol`` when given). :math:`\log\det C = \log\det P +
     \log\det(P^{-1/2} C P^{-1/2})`, the second term by quadrature (near 0 for a good P)."""
     matvec = _observed_matvec(cfg, cov, noise_o)
     precond = _low_rank(cfg, cov, noise_o)
-    main = precond.inv if cfg.rank else _restricted_inverse(cfg, cov, noise_o)
-    alpha, info = _pcg(cfg, matvec, main, r)
-    z = precond.draw(eps)
-    krylov = _cg_lanczos(cfg, matvec, precond.inv, z, solve_tol)
+    alpha, info = _pcg(cfg, matvec, _data_preconditioner(cfg, cov, noise_o, precond), r)
+    krylov = _cg_lanczos(cfg, matvec, precond.inv, precond.draw(eps), solve_tol)
     quads = _gauss_logquad(krylov, cfg.lanczos_steps)
     logdet = precond.logdet() + _trace_scale(cfg, eps) * jnp.sum(quads, 0)
     value = -0.5 * (jnp.sum(r * alpha, -1) + logdet + r.shape[-1] * _LOG_2PI)
-    return _Parts(value, alpha, info, precond, z, krylov)
+    return _Parts(value, alpha, info, precond, krylov)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -438,8 +425,9 @@ def _log_density_jvp(cfg, primals, tangents):
     solve_tol = cfg.tol if cfg.exact_trace else max(cfg.tol, cfg.probe_tol)
     parts = _log_density_parts(cfg, cov, noise_o, eps, r, solve_tol)
     precond = parts.precond
-    p = precond.inv(parts.z)
-    alpha, p, w, v = jax.lax.stop_gradient((parts.alpha, p, parts.krylov.x, precond.v))
+    alpha, p, w, v = jax.lax.stop_gradient(
+        (parts.alpha, parts.krylov.pz, parts.krylov.x, precond.v)
+    )
     s = p.shape[0]
     v_cols = jnp.moveaxis(v, -1, 0)  # (r, ..., n_o)
     lead = jnp.concatenate(
