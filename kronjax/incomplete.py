@@ -36,10 +36,11 @@ or :math:`n_o \times n_o` array; memory :math:`O(N \cdot \text{probes} + n_o r)`
   >= n_o`` so is each quadrature): a deterministic exact mode for small problems.
 * **Gradients**: one custom JVP for the whole log density: the quadratic term from the
   solve :math:`\alpha` already made (:math:`d(r^\top C^{-1} r) = 2\alpha^\top dr -
-  \alpha^\top dC\,\alpha`), :math:`\operatorname{tr}(C^{-1} dC)` split at the
-  preconditioner, :math:`\operatorname{tr}(P^{-1} dC)` exactly and only the rest by the
-  probes (a control variate; see :func:`_log_density_jvp`), or plainly by the probes where
-  P misses part of the signal. Second derivatives are refused. ``solve`` (prediction,
+  \alpha^\top dC\,\alpha`), :math:`\operatorname{tr}(C^{-1} dC)` from the probes with a
+  control variate: the part of dC in the preconditioner's eigenspace, whose trace against
+  :math:`P^{-1}` is known exactly from the factors (see :func:`_log_density_jvp`), or
+  plainly by the probes where P misses part of the signal. One differentiated operator
+  application, for the solve and the probes. Second derivatives are refused. ``solve`` (prediction,
   imputation) is a ``lax.custom_linear_solve``: implicit derivatives of every order.
 
 Everything is a fixed function of the parameters and the probes (drawn once from ``key``),
@@ -53,7 +54,7 @@ posteriors* (pathwise conditioning).
 """
 
 import math
-from functools import partial
+from functools import lru_cache, partial
 from typing import NamedTuple
 
 import jax
@@ -82,8 +83,8 @@ class SolverInfo(NamedTuple):
     the batch: the Gauss rule converges geometrically, so a change of more than about the
     probes' spread says the quadrature is still biased; raise ``lanczos_steps``), and the
     preconditioner's gap :math:`\lambda_{r+1} / \min d` (largest over the batch): at most 1,
-    the log determinant's gradient is split at the preconditioner and nearly exact; above,
-    it is the plain stochastic estimate (raise ``precond_rank``)."""
+    the log determinant's gradient has the preconditioner's control variate and is nearly
+    exact; above, it is the plain stochastic estimate (raise ``precond_rank``)."""
 
     iterations: jax.Array
     residual: jax.Array
@@ -103,9 +104,20 @@ class _Config(NamedTuple):  # static: hashable, part of the jitted program
     rank: int  # of the low-rank preconditioner; 0: none (the identity for the probes)
 
 
-def _fill(cfg, x):
-    obs = np.asarray(cfg.observed)
-    return jnp.zeros(x.shape[:-1] + (cfg.size,), x.dtype).at[..., obs].set(x)
+@lru_cache(maxsize=16)
+def _slots(observed: tuple[int, ...], size: int) -> np.ndarray:
+    """Each grid cell's position among the observed cells (``n_o`` where missing)."""
+    out = np.full(size, len(observed))
+    out[np.asarray(observed)] = np.arange(len(observed))
+    return out
+
+
+def _fill(cfg, x, axis: int = -1):
+    """The observed values along ``axis`` zero-filled to the grid (a gather: cheaper than a
+    scatter on CPU, and its transpose is the restriction's)."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, 1)
+    return jnp.take(jnp.pad(x, pad), _slots(cfg.observed, cfg.size), axis=axis)
 
 
 def _observed_matvec(cfg, cov, noise_o):
@@ -136,49 +148,46 @@ def _dot(a, b):
 
 
 class _LowRank(NamedTuple):
-    r""":math:`P = U U^\top + \operatorname{diag}(d)` on the observed cells, with
-    :math:`M = I_r + U^\top D^{-1} U = L L^\top`: :math:`P^{-1} x = D^{-1} x - V M^{-1}
-    V^\top x` (:math:`V = D^{-1} U`), :math:`\log\det P = \sum \log d + \log\det M`, draws
-    :math:`U \epsilon_1 + \sqrt d\, \epsilon_2` with covariance P. Rank 0 and d = 1 is the
-    identity."""
+    r""":math:`P = U U^\top + \operatorname{diag}(d)` on the observed cells, :math:`U = Y
+    \Lambda^{1/2}` (:math:`Y` the top eigenvectors at the observed cells), with :math:`M = I_r
+    + U^\top D^{-1} U = L L^\top`: :math:`P^{-1} x = D^{-1} x - V M^{-1} V^\top x`
+    (:math:`V = D^{-1} U`, :math:`M^{-1} = L^{-\top} L^{-1}`), :math:`\log\det P = \sum \log d
+    + \log\det M`, draws :math:`U \epsilon_1 + \sqrt d\, \epsilon_2` with covariance P. Rank 0
+    and d = 1 is the identity."""
 
-    u: jax.Array  # (..., n_o, r)
+    u: jax.Array  # (..., r, n_o): Uᵀ, r-major like every (r, n_o) array here
     d: jax.Array  # (..., n_o)
-    chol: jax.Array  # (..., r, r)
+    li: jax.Array  # (..., r, r) L⁻¹
     gap: jax.Array  # (...,) λ_{r+1} / min d: the spectrum of P⁻¹C lies in [1, 1 + gap]
-
-    @property
-    def v(self):
-        return self.u / self.d[..., None]
+    y: jax.Array  # (..., r, n_o) Yᵀ: the top eigenvectors q_k of the signal at the observed cells
+    lam: jax.Array  # (..., r) their eigenvalues
+    f: jax.Array  # (..., r, r) Yᵀ D⁻¹ Y
+    top: jax.Array  # (..., r) their flat eigen indices (k_1, …, k_d) in grid order
 
     def inv(self, x):
-        """:math:`P^{-1} x = D^{-1} (x - U M^{-1} U^\\top D^{-1} x)`."""
+        """:math:`P^{-1} x = D^{-1} (x - U M^{-1} U^\top D^{-1} x)`."""
         out = x / self.d
-        if self.u.shape[-1]:
-            t = jnp.einsum("...n,...nr->...r", out, self.u)[..., None]
-            t = lapack.solve_triangular(
-                self.chol, lapack.solve_triangular(self.chol, t), trans=True
-            )
-            out = out - jnp.einsum("...nr,...r->...n", self.u, t[..., 0]) / self.d
+        if self.u.shape[-2]:
+            t = jnp.einsum("...n,...rn->...r", out, self.u)
+            t = jnp.einsum("...lk,...l->...k", self.li, jnp.einsum("...kl,...l->...k", self.li, t))
+            out = out - jnp.einsum("...rn,...r->...n", self.u, t) / self.d
         return out
 
     def m_inv(self):
         """:math:`M^{-1}` ``(..., r, r)``."""
-        eye = jnp.broadcast_to(jnp.eye(self.chol.shape[-1], dtype=self.chol.dtype), self.chol.shape)
-        li = lapack.solve_triangular(self.chol, eye)
-        return jnp.swapaxes(li, -1, -2) @ li
+        return jnp.swapaxes(self.li, -1, -2) @ self.li
 
     def logdet(self):
         out = jnp.sum(jnp.log(self.d), -1)
-        diag = jnp.diagonal(self.chol, axis1=-2, axis2=-1)
-        return out + 2 * jnp.sum(jnp.log(diag), -1)
+        diag = jnp.diagonal(self.li, axis1=-2, axis2=-1)
+        return out - 2 * jnp.sum(jnp.log(diag), -1)
 
     def draw(self, eps):
         r""":math:`U \epsilon_{:r} + \sqrt d\, \epsilon_{r:}` for ``eps`` ``(..., r + n_o)``."""
-        r = self.u.shape[-1]
+        r = self.u.shape[-2]
         out = jnp.sqrt(self.d) * eps[..., r:]
         if r:
-            out = out + jnp.einsum("...nr,...r->...n", self.u, eps[..., :r])
+            out = out + jnp.einsum("...rn,...r->...n", self.u, eps[..., :r])
         return out
 
 
@@ -201,26 +210,104 @@ def _low_rank(cfg, cov, noise_o) -> _LowRank:
     dtype = cov.dtype
     if not cfg.rank:
         ones = jnp.ones(batch + (n_o,), dtype)
-        empty = jnp.zeros(batch + (n_o, 0), dtype), jnp.zeros(batch + (0, 0), dtype)
-        return _LowRank(empty[0], ones, empty[1], jnp.full(batch, jnp.inf, dtype))
-    lam = linalg.kron_outer([jnp.maximum(v, 0) for v in cov.eigvals])
-    top_vals, top = jax.lax.top_k(lam, min(cfg.rank + 1, cfg.size))  # flat eigen indices
+        cols, square = jnp.zeros(batch + (0, n_o), dtype), jnp.zeros(batch + (0, 0), dtype)
+        none = jnp.zeros(batch + (0,), dtype)
+        return _LowRank(
+            cols,
+            ones,
+            square,
+            jnp.full(batch, jnp.inf, dtype),
+            cols,
+            none,
+            square,
+            none.astype(jnp.int32),
+        )
+    top_vals, top = _top_eigen(cov, min(cfg.rank + 1, cfg.size), batch)
     rest = top_vals[..., cfg.rank] if cfg.rank < cfg.size else jnp.zeros_like(top_vals[..., 0])
     top_vals, top = top_vals[..., : cfg.rank], top[..., : cfg.rank]
-    coords = np.unravel_index(np.asarray(cfg.observed), cov.factor_sizes)
-    u = jnp.sqrt(top_vals)[..., None, :]
-    stride = cfg.size
-    for q, n, c in zip(cov.eigvecs, cov.factor_sizes, coords, strict=True):
-        stride //= n
-        cols = jnp.take_along_axis(q, ((top // stride) % n)[..., None, :], axis=-1)  # (..., n, r)
-        u = u * cols[..., c, :]
+    grid = _khatri_rao(_top_columns(cov, top, batch))  # (..., r, N)
+    y = jnp.take(grid, np.asarray(cfg.observed), axis=-1)
     d = cov.sigma2()[..., None] if noise_o is None else cov.sigma2()[..., None] + noise_o
     d = jnp.broadcast_to(d, batch + (n_o,))
-    u = jnp.broadcast_to(u, batch + u.shape[-2:])
-    gram = jnp.swapaxes(u / d[..., None], -1, -2) @ u
-    chol = lapack.cholesky(gram + jnp.eye(cfg.rank, dtype=dtype))
+    missing = np.setdiff1d(np.arange(cfg.size), cfg.observed)
+    if noise_o is None and missing.size < n_o:  # F = Yᵀ Y / σ² = (I - Y_mᵀ Y_m) / σ²
+        y_m = jnp.take(grid, missing, axis=-1)
+        eye = jnp.eye(cfg.rank, dtype=dtype)
+        f = (eye - y_m @ jnp.swapaxes(y_m, -1, -2)) / d[..., :1, None]
+    else:
+        f = (y / d[..., None, :]) @ jnp.swapaxes(y, -1, -2)
+    root = jnp.sqrt(top_vals)
+    gram = root[..., :, None] * f * root[..., None, :]
+    eye = jnp.broadcast_to(jnp.eye(cfg.rank, dtype=dtype), gram.shape)
+    li = lapack.solve_triangular(lapack.cholesky(gram + eye), eye)
     gap = jnp.broadcast_to(rest, batch) / jnp.min(d, -1)
-    return _LowRank(u, d, chol, gap)
+    return _LowRank(y * root[..., :, None], d, li, gap, y, top_vals, f, top)
+
+
+def _top_eigen(cov, count: int, batch):
+    r"""The ``count`` largest eigenvalues :math:`\prod_i \lambda_{i k_i}` of the signal (factor
+    eigenvalues clipped at 0) and their flat eigen indices, ``(..., count)``. With each
+    factor's eigenvalues sorted descending, the product at sorted positions
+    :math:`(a_1, \dots, a_d)` is at most the :math:`\prod_i (a_i + 1)` products at positions
+    below it, so the top ``count`` are among the positions with :math:`\prod_i (a_i + 1) \le`
+    ``count`` (:func:`_staircase`, about ``count · log(count)`` of them for d = 2): never a
+    length-N sort."""
+    vals, idx = zip(
+        *(jax.lax.top_k(jnp.maximum(v, 0), min(count, v.shape[-1])) for v in cov.eigvals)
+    )
+    cand = _staircase(tuple(i.shape[-1] for i in idx), count)  # (d, candidates), static
+    prods = math.prod(jnp.take(v, c, axis=-1) for v, c in zip(vals, cand, strict=True))
+    top_vals, pos = jax.lax.top_k(prods, count)
+    top_vals, pos = (jnp.broadcast_to(t, batch + (count,)) for t in (top_vals, pos))
+    flat = jnp.zeros_like(pos)
+    for i, c, n in zip(idx, cand, cov.factor_sizes, strict=True):
+        which = jnp.take_along_axis(
+            jnp.broadcast_to(i, batch + i.shape[-1:]), jnp.asarray(c)[pos], -1
+        )
+        flat = flat * n + which
+    return top_vals, flat
+
+
+@lru_cache(maxsize=16)
+def _staircase(sizes: tuple[int, ...], count: int) -> np.ndarray:
+    """Every position tuple ``a`` with ``a_i < sizes[i]`` and ``prod(a_i + 1) <= count``,
+    ``(d, candidates)``."""
+    out = [()]
+    for n in sizes:
+        out = [
+            t + (a,)
+            for t in out
+            for a in range(n)
+            if math.prod(x + 1 for x in t) * (a + 1) <= count
+        ]
+    return np.asarray(out, dtype=np.int32).T
+
+
+def _top_columns(cov, top, batch):
+    """The factors' eigenvectors :math:`q_{i k_i}` of each top eigen index, ``(..., n_i, r)``."""
+    return [
+        jnp.take_along_axis(jnp.broadcast_to(q, batch + (n, n)), i[..., None, :], axis=-1)
+        for q, i, n in zip(cov.eigvecs, _factor_indices(cov, top), cov.factor_sizes, strict=True)
+    ]
+
+
+def _khatri_rao(cols):
+    r"""Column-wise Kronecker products :math:`\otimes_i q_{i k_i}` on the grid, r-major
+    ``(..., r, N)``."""
+    out = jnp.swapaxes(cols[0], -1, -2)
+    for c in cols[1:]:
+        c = jnp.swapaxes(c, -1, -2)
+        out = (out[..., :, :, None] * c[..., :, None, :]).reshape(out.shape[:-1] + (-1,))
+    return out
+
+
+def _factor_indices(cov, flat):
+    """The factor eigen indices :math:`k_i` of flat eigen indices (grid order)."""
+    out, stride = [], cov.size
+    for n in cov.factor_sizes:
+        stride //= n
+        out.append((flat // stride) % n)
+    return out
 
 
 def _data_preconditioner(cfg, cov, noise_o, low_rank: _LowRank):
@@ -291,10 +378,11 @@ def _cg_lanczos(cfg, matvec, precond, z, solve_tol=None):
     :math:`C^{-1} z` of the gradient: it runs ``lanczos_steps`` steps, and on to relative
     residual ``solve_tol`` (at most ``max_iters``) when that is given.
 
-    A probe whose preconditioned residual falls below machine precision has spanned its
-    Krylov space: its later steps decouple (diagonal 1, coupling 0), adding nothing."""
+    A probe whose relative preconditioned residual falls below 1e-10 (machine precision in
+    float32) is done: its later steps decouple (diagonal 1, coupling 0). What its Gauss rule
+    misses is of the order of that residual squared, and its solve is 1e-10 accurate."""
     steps = cfg.lanczos_steps
-    eps2 = jnp.finfo(z.dtype).eps ** 2
+    eps2 = max(jnp.finfo(z.dtype).eps ** 2, 1e-20)  # squared: rz is a squared norm
     zz = _dot(z, z)
     zz = jnp.where(zz > 0, zz, 1)
     pz = precond(z)
@@ -398,6 +486,71 @@ def _log_density(cfg, cov, noise_o, eps, r):
     return _log_density_parts(cfg, cov, noise_o, eps, r).value
 
 
+def _trace_control(cfg, cov, pre: _LowRank, p, scale, uniform: bool):
+    r"""The exact part of the gradient's trace: :math:`\operatorname{tr}(\tilde P X)` with
+    :math:`\tilde P = P^{-1} - \hat S`, :math:`\hat S = \text{scale} \sum_j p_j p_j^\top`
+    (the probes' estimate of :math:`P^{-1}`, :math:`E[p p^\top] = P^{-1}`) and X the part of
+    :math:`dC` that P captures: with :math:`\Pi = Q_r Q_r^\top` the top eigenspace,
+
+    .. math::
+        X = (dK\,\Pi + \Pi\, dK - \Pi\, dK\, \Pi)_{oo} + dD, \qquad
+        dC - X = (\Pi_\perp dK\, \Pi_\perp)_{oo},
+
+    small where the rest of the signal is. Linear in the tangents :math:`dK_i` (of the
+    factors) and :math:`dd` (of :math:`\sigma^2 + v_o`):
+    :math:`\sum_i \langle dK_i, H_i \rangle + \langle dd, \operatorname{diag} \tilde P\rangle`.
+    Since :math:`dK\, q_k = \sum_i w_{ik}\, q_{1 k_1} \otimes \dots \otimes dK_i q_{i k_i}
+    \otimes \dots` (:math:`w_{ik} = \prod_{j \ne i} \lambda_{j k_j}`), and with
+    :math:`B = \tilde P Y`, :math:`Z_{ik}` the grid-filled :math:`B_k` contracted with
+    :math:`q_{j k_j}` over every axis :math:`j \ne i`, :math:`F = Y^\top \tilde P Y`,
+    :math:`\hat q_{ik} = q_{i k_i}`:
+
+    .. math::
+        H_i = 2 \textstyle\sum_k w_{ik} Z_{ik} \hat q_{ik}^\top - \sum_{k k'} w_{ik}
+        [k_j = k'_j\ \forall j \ne i]\, F_{k k'}\, \hat q_{ik} \hat q_{ik'}^\top .
+
+    Returns the :math:`H_i` and :math:`\operatorname{diag}\tilde P` (its trace where the
+    noise is ``uniform``: no per-cell noise), all held constant:
+    :math:`O(n_o r^2 + d\, r N)` once, then :math:`O(\sum_i n_i^2)` per tangent."""
+    cov, pre, p = jax.lax.stop_gradient((cov, pre, p))
+    y, d, f, lam = pre.y, pre.d, pre.f, pre.lam
+    root = jnp.sqrt(lam)
+    a = root[..., :, None] * pre.m_inv() * root[..., None, :]  # Λ^½ M⁻¹ Λ^½: P⁻¹ = D⁻¹ - D⁻¹YAYᵀD⁻¹
+    pty = jnp.einsum("j...n,...rn->j...r", p, y)
+    b = (y - (f @ a) @ y) / d[..., None, :] - scale * jnp.einsum(
+        "j...r,j...n->...rn", pty, p
+    )  # (P̃Y)ᵀ
+    ftil = f - f @ a @ f - scale * jnp.einsum("j...k,j...l->...kl", pty, pty)  # YᵀP̃Y
+    if uniform:  # dd is one number per batch member: only the trace of P̃ is needed
+        tr_pinv = jnp.sum(1 / d, -1) - jnp.sum(a * f, (-2, -1)) / d[..., 0]
+        dvec = (tr_pinv - scale * jnp.sum(p * p, (0, -1)))[..., None]
+    else:
+        dvec = 1 / d - jnp.sum((a @ y) * y, -2) / d**2 - scale * jnp.sum(p * p, 0)  # diag P̃
+    batch, sizes, ndim = d.shape[:-1], cov.factor_sizes, len(cov.factor_sizes)
+    idx = _factor_indices(cov, pre.top)
+    cols = _top_columns(cov, pre.top, batch)  # (..., n_i, r)
+    lams = [
+        jnp.take_along_axis(jnp.broadcast_to(v, batch + (n,)), i, axis=-1)
+        for v, i, n in zip(cov.eigvals, idx, sizes, strict=True)
+    ]
+    grid = _fill(cfg, b).reshape(batch + (cfg.rank,) + sizes)  # P̃Y on the grid
+    axes = "abcdefgh"[:ndim]
+    out = []
+    for i in range(ndim):
+        others = [j for j in range(ndim) if j != i]
+        spec = ",".join([f"...k{axes}"] + [f"...{axes[j]}k" for j in others])
+        z = jnp.einsum(f"{spec}->...{axes[i]}k", grid, *(cols[j] for j in others))
+        w = math.prod((lams[j] for j in others), start=jnp.ones_like(lam))
+        same = math.prod(
+            (idx[j][..., :, None] == idx[j][..., None, :] for j in others),
+            start=jnp.ones(batch + (cfg.rank, cfg.rank), bool),
+        )
+        h = 2 * (z * w[..., None, :]) @ jnp.swapaxes(cols[i], -1, -2)
+        h = h - cols[i] @ (w[..., :, None] * same * ftil) @ jnp.swapaxes(cols[i], -1, -2)
+        out.append(0.5 * (h + jnp.swapaxes(h, -1, -2)))
+    return out, dvec
+
+
 @_log_density.defjvp
 def _log_density_jvp(cfg, primals, tangents):
     r"""With :math:`\alpha = C^{-1} r`, probes :math:`z_j` of covariance P,
@@ -406,50 +559,43 @@ def _log_density_jvp(cfg, primals, tangents):
 
     .. math::
         d\log p = -\alpha^\top dr + \tfrac12 \alpha^\top dC\,\alpha - \tfrac12 \big(
-        \operatorname{tr}(P^{-1} dC) + \tfrac1s \textstyle\sum_j (w_j - p_j)^\top dC\, p_j
-        \big),
+        \tfrac1s \textstyle\sum_j w_j^\top dC\, p_j + \operatorname{tr}\big((P^{-1} -
+        \tfrac1s \textstyle\sum_j p_j p_j^\top) X\big) \big),
 
-    the trace split at the preconditioner (a control variate): :math:`\operatorname{tr}(
-    P^{-1} dC) = \operatorname{tr}(D^{-1} dC) - \operatorname{tr}(M^{-1} V^\top dC\, V)`
-    exactly, and only :math:`\operatorname{tr}((C^{-1} - P^{-1}) dC)` by the probes
-    (:math:`E[z z^\top] = P`), whose spread vanishes as P approaches C. That holds while P
-    captures every direction where the signal exceeds the noise (``gap`` =
-    :math:`\lambda_{r+1} / \min d \le 1`); past it, in a direction P misses, the split's
-    spread is :math:`\lambda/d` times the plain estimate's, so there the plain
-    :math:`\tfrac1s \sum_j w_j^\top dC\, p_j` is used (unbiased too, the spread of
-    Hutchinson's). One differentiated matvec for :math:`\alpha`, the :math:`p_j` and the r
-    columns of V."""
+    the trace :math:`\operatorname{tr}(C^{-1} dC)` by Hutchinson's estimator
+    (:math:`E[z z^\top] = P`) with a control variate: :math:`\tfrac1s \sum_j p_j^\top X p_j`
+    estimates :math:`\operatorname{tr}(P^{-1} X)`, known exactly, for X the part of dC in
+    the preconditioner's eigenspace (:func:`_trace_control`). Unbiased for any X; each
+    probe's term is :math:`(w_j - p_j)^\top dC\, p_j + p_j^\top (dC - X) p_j`, whose spread
+    vanishes as P approaches C and X approaches dC. That holds while P captures every
+    direction where the signal exceeds the noise (``gap`` = :math:`\lambda_{r+1} / \min d
+    \le 1`); past it the plain :math:`\tfrac1s \sum_j w_j^\top dC\, p_j` is used. One
+    differentiated matvec, for :math:`\alpha` and the :math:`p_j`."""
     cov, noise_o, eps, r = primals
     dcov, dnoise, _, dr = tangents
     refuse_derivative((cov, noise_o), "a second derivative of the iterative marginal")
     solve_tol = cfg.tol if cfg.exact_trace else max(cfg.tol, cfg.probe_tol)
     parts = _log_density_parts(cfg, cov, noise_o, eps, r, solve_tol)
-    precond = parts.precond
-    alpha, p, w, v = jax.lax.stop_gradient(
-        (parts.alpha, parts.krylov.pz, parts.krylov.x, precond.v)
+    alpha, p, w = jax.lax.stop_gradient((parts.alpha, parts.krylov.pz, parts.krylov.x))
+    lead = jnp.concatenate([alpha[None], p])
+    _, dc_lead = jax.jvp(
+        lambda c, n: _observed_matvec(cfg, c, n)(lead), (cov, noise_o), (dcov, dnoise)
     )
-    s = p.shape[0]
-    v_cols = jnp.moveaxis(v, -1, 0)  # (r, ..., n_o)
-    lead = jnp.concatenate(
-        [alpha[None], p, jnp.broadcast_to(v_cols, v_cols.shape[:1] + p.shape[1:])]
-    )
-    obs = np.asarray(cfg.observed)
-
-    def apply(c, n):
-        diag = c.diag()[..., obs] if n is None else c.diag()[..., obs] + n
-        return _observed_matvec(cfg, c, n)(lead), diag
-
-    _, (dc_lead, ddiag) = jax.jvp(apply, (cov, noise_o), (dcov, dnoise))
     quad_dot = jnp.sum(alpha * dc_lead[0], -1)
-    dc_p, dc_v = dc_lead[1 : s + 1], dc_lead[s + 1 :]
     scale = _trace_scale(cfg, eps)
-    plain = scale * jnp.sum(w * dc_p, (0, -1))
+    logdet_dot = scale * jnp.sum(w * dc_lead[1:], (0, -1))
     if cfg.rank:
-        vdv = jnp.einsum("k...n,l...n->...kl", v_cols, dc_v)
-        exact = jnp.sum(ddiag / precond.d, -1) - jnp.sum(precond.m_inv() * vdv, (-2, -1))
-        split = exact + plain - scale * jnp.sum(p * dc_p, (0, -1))
-        plain = jnp.where(precond.gap <= 1, split, plain)
-    logdet_dot = plain
+        h, dvec = _trace_control(cfg, cov, parts.precond, p, scale, noise_o is None)
+
+        def captured(c, n):
+            diag = c.sigma2()[..., None] if n is None else c.sigma2()[..., None] + n
+            return c.factor_covs(), diag
+
+        _, (dks, dd) = jax.jvp(captured, (cov, noise_o), (dcov, dnoise))
+        control = jnp.sum(dd * dvec, -1) + sum(
+            jnp.sum(dk * hi, (-2, -1)) for dk, hi in zip(dks, h, strict=True)
+        )
+        logdet_dot = jnp.where(parts.precond.gap <= 1, logdet_dot + control, logdet_dot)
     return parts.value, -jnp.sum(alpha * dr, -1) + 0.5 * quad_dot - 0.5 * logdet_dot
 
 
@@ -471,11 +617,11 @@ class IterativeMarginal(Distribution):
     Built by ``dist.marginal(observed, method="iterative", ...)``; ``event_shape ==
     (n_obs,)`` in the order of ``observed``. Per ``log_prob`` with its gradient: the data
     solve's and the probes' iterations (each one application of the complete-grid operator,
-    :math:`O(N \sum_i n_i)`, per vector), plus ``1 + probes + precond_rank`` differentiated
-    applications for the gradient, plus :math:`O(n_o r^2)` to build P. The log determinant
-    (and its gradient) is a stochastic estimate with a fixed seed, nearly exact where P
-    captures the signal (``solver_info(y).precond_gap <= 1``); the quadratic term is exact
-    to ``tol``.
+    :math:`O(N \sum_i n_i)`, per vector), plus ``1 + probes`` differentiated applications
+    and :math:`O(n_o r^2 + d\,r N)` for the gradient, plus :math:`O(n_o r^2)` to build P.
+    The log determinant (and its gradient) is a stochastic estimate with a fixed seed,
+    nearly exact where P captures the signal (``solver_info(y).precond_gap <= 1``); the
+    quadratic term is exact to ``tol``.
 
     Args:
         base: the complete-grid ``KroneckerNormal``.
@@ -488,8 +634,9 @@ class IterativeMarginal(Distribution):
             P); at least ``n_obs`` means the ``precond_rank + n_obs`` columns of a root of P
             (exact trace, deterministic).
         lanczos_steps: Lanczos steps per probe at most (capped at ``n_obs``; the loop ends
-            earlier once every probe has converged to round-off, a few steps when P is nearly
-            C). Too few bias the log determinant upward, the Gauss rule's error decaying like
+            earlier once every probe's relative residual is below 1e-10, or round-off in
+            float32: a few steps when P is nearly C). Too few bias the log determinant
+            upward, the Gauss rule's error decaying like
             :math:`((\sqrt\kappa - 1)/(\sqrt\kappa + 1))^{2k}`; about :math:`0.4\sqrt\kappa`
             steps bring the bias below the 16-probe spread (measured without a
             preconditioner, ``bench/LANCZOS_STEPS.md``). With the preconditioner
@@ -506,10 +653,9 @@ class IterativeMarginal(Distribution):
             at ``n_obs``). The spectrum of :math:`P^{-1} C` lies in :math:`[1, 1 +
             \lambda_{r+1}/\sigma^2]`: an RBF grid up to 512×512 has fewer than 130
             eigenvalues above :math:`0.01\sigma^2` at σ ≥ 0.03 (ℓ 0.2 and 0.3 on [0, 1]).
-            Default: as large as keeps :math:`r N \le 2^{20}` (the gradient's r
-            differentiated applications, 8 MiB in float64), at least 128; raise it for
-            rough kernels or a small σ (``solver_info(y).precond_gap > 1``). Memory
-            :math:`O(n_o r)`.
+            Default: as large as keeps :math:`r N \le 2^{20}`, at least 128; raise it
+            for rough kernels or a small σ (``solver_info(y).precond_gap > 1``). Cost
+            :math:`O(n_o r^2)` per evaluation, memory :math:`O(N r)`.
         key: the probes' seed (an int or a PRNG key).
     """
 

@@ -80,6 +80,31 @@ def test_plain_estimates_are_unbiased_and_close(rank):
     np.testing.assert_allclose(grads, np.broadcast_to(want_grad, grads.shape), rtol=0.3)
 
 
+def test_control_variate_is_unbiased_and_tighter_than_the_plain_estimate():
+    """A preconditioner that captures the signal only roughly (rank 48 of 84 observed
+    cells, gap about 0.5): the gradient with the control variate still scatters around
+    the dense one over 16 seeds (mean within 4 standard errors), with under half the spread
+    of the plain estimate (rank 32, gap above 1, same seeds; measured 0.1–0.3 times)."""
+    keep = mask(0.3)
+    y = jnp.asarray(Y[keep], DTYPE)
+    _, dense = pair(keep, None, False)
+    want_grad = np.asarray(jax.grad(dense)(THETA))
+    keys = jax.random.split(jax.random.PRNGKey(1), 16)
+    grads, gaps = {}, {}
+    for rank in (48, 32):
+
+        def marginal(theta, key, rank=rank):
+            return model(theta)[0].marginal(keep, method="iterative", key=key, precond_rank=rank)
+
+        gaps[rank] = float(marginal(THETA, 0).solver_info(y).precond_gap)
+        grad = jax.jit(jax.grad(lambda theta, key: marginal(theta, key).log_prob(y)))
+        grads[rank] = np.stack([np.asarray(grad(THETA, k)) for k in keys])
+    assert 0.1 < gaps[48] <= 1 < gaps[32]
+    se = 4 * grads[48].std(0, ddof=1) / np.sqrt(len(keys)) + 1e-9
+    np.testing.assert_array_less(np.abs(grads[48].mean(0) - want_grad), se)
+    np.testing.assert_array_less(grads[48].std(0), 0.5 * grads[32].std(0))
+
+
 def test_nuts_posterior_matches_the_dense_model():
     """12×10 grid, 20% missing: NUTS on the iterative marginal (defaults) and on a dense
     MultivariateNormal of the observed cells, same key, agree: means within 0.1 posterior
