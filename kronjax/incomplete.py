@@ -155,11 +155,10 @@ class _LowRank(NamedTuple):
     + \log\det M`, draws :math:`U \epsilon_1 + \sqrt d\, \epsilon_2` with covariance P. Rank 0
     and d = 1 is the identity."""
 
-    u: jax.Array  # (..., r, n_o): Uᵀ, r-major like every (r, n_o) array here
     d: jax.Array  # (..., n_o)
     li: jax.Array  # (..., r, r) L⁻¹
     gap: jax.Array  # (...,) λ_{r+1} / min d: the spectrum of P⁻¹C lies in [1, 1 + gap]
-    y: jax.Array  # (..., r, n_o) Yᵀ: the top eigenvectors q_k of the signal at the observed cells
+    y: jax.Array  # (..., n_o, r) the top eigenvectors q_k of the signal at the observed cells
     lam: jax.Array  # (..., r) their eigenvalues
     f: jax.Array  # (..., r, r) Yᵀ D⁻¹ Y
     top: jax.Array  # (..., r) their flat eigen indices (k_1, …, k_d) in grid order
@@ -167,10 +166,11 @@ class _LowRank(NamedTuple):
     def inv(self, x):
         """:math:`P^{-1} x = D^{-1} (x - U M^{-1} U^\top D^{-1} x)`."""
         out = x / self.d
-        if self.u.shape[-2]:
-            t = jnp.einsum("...n,...rn->...r", out, self.u)
+        if self.y.shape[-1]:  # U = Y Λ^½, the Λ^½ applied on the r side
+            root = jnp.sqrt(self.lam)
+            t = root * jnp.einsum("...n,...nr->...r", out, self.y)
             t = jnp.einsum("...lk,...l->...k", self.li, jnp.einsum("...kl,...l->...k", self.li, t))
-            out = out - jnp.einsum("...rn,...r->...n", self.u, t) / self.d
+            out = out - jnp.einsum("...nr,...r->...n", self.y, root * t) / self.d
         return out
 
     def m_inv(self):
@@ -184,10 +184,10 @@ class _LowRank(NamedTuple):
 
     def draw(self, eps):
         r""":math:`U \epsilon_{:r} + \sqrt d\, \epsilon_{r:}` for ``eps`` ``(..., r + n_o)``."""
-        r = self.u.shape[-2]
+        r = self.y.shape[-1]
         out = jnp.sqrt(self.d) * eps[..., r:]
         if r:
-            out = out + jnp.einsum("...rn,...r->...n", self.u, eps[..., :r])
+            out = out + jnp.einsum("...nr,...r->...n", self.y, jnp.sqrt(self.lam) * eps[..., :r])
         return out
 
 
@@ -210,10 +210,9 @@ def _low_rank(cfg, cov, noise_o) -> _LowRank:
     dtype = cov.dtype
     if not cfg.rank:
         ones = jnp.ones(batch + (n_o,), dtype)
-        cols, square = jnp.zeros(batch + (0, n_o), dtype), jnp.zeros(batch + (0, 0), dtype)
+        cols, square = jnp.zeros(batch + (n_o, 0), dtype), jnp.zeros(batch + (0, 0), dtype)
         none = jnp.zeros(batch + (0,), dtype)
         return _LowRank(
-            cols,
             ones,
             square,
             jnp.full(batch, jnp.inf, dtype),
@@ -225,23 +224,23 @@ def _low_rank(cfg, cov, noise_o) -> _LowRank:
     top_vals, top = _top_eigen(cov, min(cfg.rank + 1, cfg.size), batch)
     rest = top_vals[..., cfg.rank] if cfg.rank < cfg.size else jnp.zeros_like(top_vals[..., 0])
     top_vals, top = top_vals[..., : cfg.rank], top[..., : cfg.rank]
-    grid = _khatri_rao(_top_columns(cov, top, batch))  # (..., r, N)
-    y = jnp.take(grid, np.asarray(cfg.observed), axis=-1)
+    cols = _top_columns(cov, top, batch)
+    y = _khatri_rao(cols, cfg.observed)
     d = cov.sigma2()[..., None] if noise_o is None else cov.sigma2()[..., None] + noise_o
     d = jnp.broadcast_to(d, batch + (n_o,))
     missing = np.setdiff1d(np.arange(cfg.size), cfg.observed)
     if noise_o is None and missing.size < n_o:  # F = Yᵀ Y / σ² = (I - Y_mᵀ Y_m) / σ²
-        y_m = jnp.take(grid, missing, axis=-1)
+        y_m = _khatri_rao(cols, missing)
         eye = jnp.eye(cfg.rank, dtype=dtype)
-        f = (eye - y_m @ jnp.swapaxes(y_m, -1, -2)) / d[..., :1, None]
+        f = (eye - jnp.swapaxes(y_m, -1, -2) @ y_m) / d[..., :1, None]
     else:
-        f = (y / d[..., None, :]) @ jnp.swapaxes(y, -1, -2)
+        f = jnp.swapaxes(y / d[..., None], -1, -2) @ y
     root = jnp.sqrt(top_vals)
     gram = root[..., :, None] * f * root[..., None, :]
     eye = jnp.broadcast_to(jnp.eye(cfg.rank, dtype=dtype), gram.shape)
     li = lapack.solve_triangular(lapack.cholesky(gram + eye), eye)
     gap = jnp.broadcast_to(rest, batch) / jnp.min(d, -1)
-    return _LowRank(y * root[..., :, None], d, li, gap, y, top_vals, f, top)
+    return _LowRank(d, li, gap, y, top_vals, f, top)
 
 
 def _top_eigen(cov, count: int, batch):
@@ -284,21 +283,26 @@ def _staircase(sizes: tuple[int, ...], count: int) -> np.ndarray:
 
 
 def _top_columns(cov, top, batch):
-    """The factors' eigenvectors :math:`q_{i k_i}` of each top eigen index, ``(..., n_i, r)``."""
-    return [
-        jnp.take_along_axis(jnp.broadcast_to(q, batch + (n, n)), i[..., None, :], axis=-1)
-        for q, i, n in zip(cov.eigvecs, _factor_indices(cov, top), cov.factor_sizes, strict=True)
-    ]
-
-
-def _khatri_rao(cols):
-    r"""Column-wise Kronecker products :math:`\otimes_i q_{i k_i}` on the grid, r-major
-    ``(..., r, N)``."""
-    out = jnp.swapaxes(cols[0], -1, -2)
-    for c in cols[1:]:
-        c = jnp.swapaxes(c, -1, -2)
-        out = (out[..., :, :, None] * c[..., :, None, :]).reshape(out.shape[:-1] + (-1,))
+    """The factors' eigenvectors :math:`q_{i k_i}` of each top eigen index, ``(..., n_i, r)``:
+    products with one-hot selections, so later gathers read a plain array (a gather of a
+    gather fuses into a slow chain on CPU)."""
+    out = []
+    for q, i, n in zip(cov.eigvecs, _factor_indices(cov, top), cov.factor_sizes, strict=True):
+        pick = (jnp.arange(n)[:, None] == i[..., None, :]).astype(q.dtype)  # (..., n_i, r)
+        out.append(q @ pick)
     return out
+
+
+def _khatri_rao(cols, cells):
+    r"""Column-wise Kronecker products :math:`\otimes_i q_{i k_i}` at the flat grid ``cells``
+    (static), ``(..., cells, r)``: a row gather from the grid of products, which XLA fuses
+    into one pass (the grid itself is never stored)."""
+    out = cols[0]
+    for c in cols[1:]:
+        out = (out[..., :, None, :] * c[..., None, :, :]).reshape(
+            out.shape[:-2] + (-1, out.shape[-1])
+        )
+    return jnp.take(out, np.asarray(cells), axis=-2)
 
 
 def _factor_indices(cov, flat):
@@ -516,16 +520,14 @@ def _trace_control(cfg, cov, pre: _LowRank, p, scale, uniform: bool):
     y, d, f, lam = pre.y, pre.d, pre.f, pre.lam
     root = jnp.sqrt(lam)
     a = root[..., :, None] * pre.m_inv() * root[..., None, :]  # Λ^½ M⁻¹ Λ^½: P⁻¹ = D⁻¹ - D⁻¹YAYᵀD⁻¹
-    pty = jnp.einsum("j...n,...rn->j...r", p, y)
-    b = (y - (f @ a) @ y) / d[..., None, :] - scale * jnp.einsum(
-        "j...r,j...n->...rn", pty, p
-    )  # (P̃Y)ᵀ
+    pty = jnp.einsum("j...n,...nr->j...r", p, y)
+    b = (y - y @ (a @ f)) / d[..., None] - scale * jnp.einsum("j...n,j...r->...nr", p, pty)
     ftil = f - f @ a @ f - scale * jnp.einsum("j...k,j...l->...kl", pty, pty)  # YᵀP̃Y
     if uniform:  # dd is one number per batch member: only the trace of P̃ is needed
         tr_pinv = jnp.sum(1 / d, -1) - jnp.sum(a * f, (-2, -1)) / d[..., 0]
         dvec = (tr_pinv - scale * jnp.sum(p * p, (0, -1)))[..., None]
     else:
-        dvec = 1 / d - jnp.sum((a @ y) * y, -2) / d**2 - scale * jnp.sum(p * p, 0)  # diag P̃
+        dvec = 1 / d - jnp.sum((y @ a) * y, -1) / d**2 - scale * jnp.sum(p * p, 0)  # diag P̃
     batch, sizes, ndim = d.shape[:-1], cov.factor_sizes, len(cov.factor_sizes)
     idx = _factor_indices(cov, pre.top)
     cols = _top_columns(cov, pre.top, batch)  # (..., n_i, r)
@@ -533,13 +535,17 @@ def _trace_control(cfg, cov, pre: _LowRank, p, scale, uniform: bool):
         jnp.take_along_axis(jnp.broadcast_to(v, batch + (n,)), i, axis=-1)
         for v, i, n in zip(cov.eigvals, idx, sizes, strict=True)
     ]
-    grid = _fill(cfg, b).reshape(batch + (cfg.rank,) + sizes)  # P̃Y on the grid
-    axes = "abcdefgh"[:ndim]
+    grid = _fill(cfg, b, axis=-2).reshape(batch + sizes + (cfg.rank,))  # P̃Y on the grid
     out = []
     for i in range(ndim):
         others = [j for j in range(ndim) if j != i]
-        spec = ",".join([f"...k{axes}"] + [f"...{axes[j]}k" for j in others])
-        z = jnp.einsum(f"{spec}->...{axes[i]}k", grid, *(cols[j] for j in others))
+        z = grid
+        for j in others:  # times q_{j k_j} along axis j
+            z = z * cols[j].reshape(batch + (1,) * j + (sizes[j],) + (1,) * (ndim - j - 1) + (-1,))
+        before, after = math.prod(sizes[:i]), math.prod(sizes[i + 1 :])
+        z = jnp.sum(z.reshape(batch + (before, sizes[i], after, cfg.rank)), -2)
+        # the sum over the leading axes as a product: far faster than a reduction on CPU
+        z = jnp.einsum("p,...pxk->...xk", jnp.ones(before, z.dtype), z)
         w = math.prod((lams[j] for j in others), start=jnp.ones_like(lam))
         same = math.prod(
             (idx[j][..., :, None] == idx[j][..., None, :] for j in others),
