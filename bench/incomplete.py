@@ -285,8 +285,9 @@ def observations(rows, sweep, cross):
     text = (
         "**Exact vs iterative.** Equal times (log-log fit over the swept m) at "
         + (", ".join(f"m ≈ {m} on {g}" for g, m in cross.items()) or "no swept m")
-        + f": the crossover in m hardly moves with N, as both routes cost O(N Σn_i) per "
-        f"missing cell or per operator application. Exact takes {span(at(512))} × the "
+        + " (a grid not listed: the iterative route was the faster at every swept m); both "
+        "routes cost O(N Σn_i) per missing cell or per operator application. Exact takes "
+        f"{span(at(512))} × the "
         f"iterative time at m = 512 and {span(at(1024))} × at m = 1024, and it is exact, "
         "while the iterative gradient is off by the relative errors in the tables. So "
         f"`AUTO_EXACT_MAX_MISSING` should be about {' or '.join(map(str, rec))} (kronjax has "

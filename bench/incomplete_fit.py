@@ -105,7 +105,7 @@ def write(r):
         *header,
         f"- grid {r['side']}×{r['side']}, {r['missing']} cells missing; Adam 0.05 on log "
         f"(ℓ1, ℓ2, σ) from {tuple(r['start'])}; marginal at its defaults (tol 1e-6, 16 probes, "
-        "100 Lanczos steps at most, rank-128 preconditioner)",
+        "40 Lanczos steps at most, rank-128 preconditioner)",
         "",
         "| | value |",
         "|---|---|",
