@@ -25,8 +25,10 @@ _LOG_2PI = math.log(2 * math.pi)
 #: while the exact route's m × N solves stay under ``AUTO_EXACT_MAX_CELLS`` entries. Measured
 #: (``bench/INCOMPLETE.md``, the iterative route with its default preconditioner): equal
 #: times at m ≈ 289 (64×48, rank 341), 82 (128×128) and below 64 (256×256, both rank 128); the
-#: exact route's peak memory is 8–27 × m·N doubles.
-AUTO_EXACT_MAX_MISSING = 128
+#: exact route's peak memory is 8–27 × m·N doubles. Kept above the crossover: the exact route
+#: is exact and has second derivatives (the iterative one refuses them), at m = 192 for at
+#: most about 2.5 × (128×128) to 4 × (256×256) the iterative time.
+AUTO_EXACT_MAX_MISSING = 192
 AUTO_EXACT_MAX_CELLS = 2**24
 
 
@@ -282,7 +284,7 @@ class KroneckerNormal(Distribution):
           (``tol``, ``max_iters``, ``probes``, ``lanczos_steps``, ``probe_tol``,
           ``precond_rank``, ``key``) go to it.
         * ``"auto"`` (default): ``"iterative"`` when ``cell_noise`` is given or more than
-          ``AUTO_EXACT_MAX_MISSING`` (128) cells are missing or ``m·N`` exceeds
+          ``AUTO_EXACT_MAX_MISSING`` (192) cells are missing or ``m·N`` exceeds
           ``AUTO_EXACT_MAX_CELLS`` (2²⁴) (the measured crossover and the exact route's
           memory, ``bench/INCOMPLETE.md``), else ``"exact"``.
         """
