@@ -40,8 +40,9 @@ or :math:`n_o \times n_o` array; memory :math:`O(N \cdot \text{probes} + n_o r)`
   control variate: the part of dC in the preconditioner's eigenspace, whose trace against
   :math:`P^{-1}` is known exactly from the factors (see :func:`_log_density_jvp`), or
   plainly by the probes where P misses part of the signal. One differentiated operator
-  application, for the solve and the probes. Second derivatives are refused. ``solve`` (prediction,
-  imputation) is a ``lax.custom_linear_solve``: implicit derivatives of every order.
+  application, for the solve and the probes. Second derivatives are refused. ``solve``
+  (prediction, imputation) is a ``lax.custom_linear_solve``: implicit derivatives of every
+  order.
 
 Everything is a fixed function of the parameters and the probes (drawn once from ``key``),
 so NUTS and optax see one deterministic target.
@@ -161,7 +162,8 @@ class _LowRank(NamedTuple):
     y: jax.Array  # (..., n_o, r) the top eigenvectors q_k of the signal at the observed cells
     lam: jax.Array  # (..., r) their eigenvalues
     f: jax.Array  # (..., r, r) Yᵀ D⁻¹ Y
-    top: jax.Array  # (..., r) their flat eigen indices (k_1, …, k_d) in grid order
+    idx: tuple  # per factor (..., r): the factor eigen indices k_i of each top eigenpair
+    cols: tuple  # per factor (..., n_i, r): the factor eigenvectors q_{i k_i}
 
     def inv(self, x):
         """:math:`P^{-1} x = D^{-1} (x - U M^{-1} U^\top D^{-1} x)`."""
@@ -212,40 +214,32 @@ def _low_rank(cfg, cov, noise_o) -> _LowRank:
         ones = jnp.ones(batch + (n_o,), dtype)
         cols, square = jnp.zeros(batch + (n_o, 0), dtype), jnp.zeros(batch + (0, 0), dtype)
         none = jnp.zeros(batch + (0,), dtype)
-        return _LowRank(
-            ones,
-            square,
-            jnp.full(batch, jnp.inf, dtype),
-            cols,
-            none,
-            square,
-            none.astype(jnp.int32),
-        )
-    top_vals, top = _top_eigen(cov, min(cfg.rank + 1, cfg.size), batch)
+        return _LowRank(ones, square, jnp.full(batch, jnp.inf, dtype), cols, none, square, (), ())
+    top_vals, idx = _top_eigen(cov, min(cfg.rank + 1, cfg.size), batch)
     rest = top_vals[..., cfg.rank] if cfg.rank < cfg.size else jnp.zeros_like(top_vals[..., 0])
-    top_vals, top = top_vals[..., : cfg.rank], top[..., : cfg.rank]
-    cols = _top_columns(cov, top, batch)
+    top_vals, idx = top_vals[..., : cfg.rank], [i[..., : cfg.rank] for i in idx]
+    cols = _top_columns(cov, idx, batch)
     y = _khatri_rao(cols, cfg.observed)
     d = cov.sigma2()[..., None] if noise_o is None else cov.sigma2()[..., None] + noise_o
     d = jnp.broadcast_to(d, batch + (n_o,))
     missing = np.setdiff1d(np.arange(cfg.size), cfg.observed)
+    eye = jnp.broadcast_to(jnp.eye(cfg.rank, dtype=dtype), batch + (cfg.rank, cfg.rank))
     if noise_o is None and missing.size < n_o:  # F = Yᵀ Y / σ² = (I - Y_mᵀ Y_m) / σ²
         y_m = _khatri_rao(cols, missing)
-        eye = jnp.eye(cfg.rank, dtype=dtype)
         f = (eye - jnp.swapaxes(y_m, -1, -2) @ y_m) / d[..., :1, None]
     else:
         f = jnp.swapaxes(y / d[..., None], -1, -2) @ y
     root = jnp.sqrt(top_vals)
     gram = root[..., :, None] * f * root[..., None, :]
-    eye = jnp.broadcast_to(jnp.eye(cfg.rank, dtype=dtype), gram.shape)
     li = lapack.solve_triangular(lapack.cholesky(gram + eye), eye)
     gap = jnp.broadcast_to(rest, batch) / jnp.min(d, -1)
-    return _LowRank(d, li, gap, y, top_vals, f, top)
+    return _LowRank(d, li, gap, y, top_vals, f, tuple(idx), tuple(cols))
 
 
 def _top_eigen(cov, count: int, batch):
     r"""The ``count`` largest eigenvalues :math:`\prod_i \lambda_{i k_i}` of the signal (factor
-    eigenvalues clipped at 0) and their flat eigen indices, ``(..., count)``. With each
+    eigenvalues clipped at 0), ``(..., count)``, and per factor their eigen indices
+    :math:`k_i`, ``(..., count)`` each. With each
     factor's eigenvalues sorted descending, the product at sorted positions
     :math:`(a_1, \dots, a_d)` is at most the :math:`\prod_i (a_i + 1)` products at positions
     below it, so the top ``count`` are among the positions with :math:`\prod_i (a_i + 1) \le`
@@ -258,13 +252,10 @@ def _top_eigen(cov, count: int, batch):
     prods = math.prod(jnp.take(v, c, axis=-1) for v, c in zip(vals, cand, strict=True))
     top_vals, pos = jax.lax.top_k(prods, count)
     top_vals, pos = (jnp.broadcast_to(t, batch + (count,)) for t in (top_vals, pos))
-    flat = jnp.zeros_like(pos)
-    for i, c, n in zip(idx, cand, cov.factor_sizes, strict=True):
-        which = jnp.take_along_axis(
-            jnp.broadcast_to(i, batch + i.shape[-1:]), jnp.asarray(c)[pos], -1
-        )
-        flat = flat * n + which
-    return top_vals, flat
+    return top_vals, [
+        jnp.take_along_axis(jnp.broadcast_to(i, batch + i.shape[-1:]), jnp.asarray(c)[pos], -1)
+        for i, c in zip(idx, cand, strict=True)
+    ]
 
 
 @lru_cache(maxsize=16)
@@ -282,12 +273,12 @@ def _staircase(sizes: tuple[int, ...], count: int) -> np.ndarray:
     return np.asarray(out, dtype=np.int32).T
 
 
-def _top_columns(cov, top, batch):
+def _top_columns(cov, idx, batch):
     """The factors' eigenvectors :math:`q_{i k_i}` of each top eigen index, ``(..., n_i, r)``:
     products with one-hot selections, so later gathers read a plain array (a gather of a
     gather fuses into a slow chain on CPU)."""
     out = []
-    for q, i, n in zip(cov.eigvecs, _factor_indices(cov, top), cov.factor_sizes, strict=True):
+    for q, i, n in zip(cov.eigvecs, idx, cov.factor_sizes, strict=True):
         pick = (jnp.arange(n)[:, None] == i[..., None, :]).astype(q.dtype)  # (..., n_i, r)
         out.append(q @ pick)
     return out
@@ -303,15 +294,6 @@ def _khatri_rao(cols, cells):
             out.shape[:-2] + (-1, out.shape[-1])
         )
     return jnp.take(out, np.asarray(cells), axis=-2)
-
-
-def _factor_indices(cov, flat):
-    """The factor eigen indices :math:`k_i` of flat eigen indices (grid order)."""
-    out, stride = [], cov.size
-    for n in cov.factor_sizes:
-        stride //= n
-        out.append((flat // stride) % n)
-    return out
 
 
 def _data_preconditioner(cfg, cov, noise_o, low_rank: _LowRank):
@@ -529,8 +511,7 @@ def _trace_control(cfg, cov, pre: _LowRank, p, scale, uniform: bool):
     else:
         dvec = 1 / d - jnp.sum((y @ a) * y, -1) / d**2 - scale * jnp.sum(p * p, 0)  # diag P̃
     batch, sizes, ndim = d.shape[:-1], cov.factor_sizes, len(cov.factor_sizes)
-    idx = _factor_indices(cov, pre.top)
-    cols = _top_columns(cov, pre.top, batch)  # (..., n_i, r)
+    idx, cols = pre.idx, pre.cols
     lams = [
         jnp.take_along_axis(jnp.broadcast_to(v, batch + (n,)), i, axis=-1)
         for v, i, n in zip(cov.eigvals, idx, sizes, strict=True)
