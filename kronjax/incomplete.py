@@ -21,11 +21,12 @@ or :math:`n_o \times n_o` array; memory :math:`O(N \cdot \text{probes} + n_o r)`
   at the observed cells, PSD with norm at most :math:`\lambda_{r+1}`, so the spectrum of
   :math:`P^{-1} C` lies in :math:`[1, 1 + \lambda_{r+1} / \min D]` whatever cells are
   missing. For smooth kernels the signal has few eigenvalues above the noise (an RBF grid
-  up to 512×512 fewer than 130 above :math:`0.01 \sigma^2`), so at r = 128 P is nearly C:
-  solves take a few iterations. :math:`P^{-1}` by Woodbury, :math:`\log\det P` from an
-  r×r Cholesky, draws of covariance P as :math:`U \epsilon_1 + D^{1/2} \epsilon_2`. Without
-  an eigen route with ``sigma`` (noise factors, noise-free Cholesky), the data solves use
-  the complete-grid inverse restricted to the observed cells and the probes none (r = 0).
+  up to 512×512 (ℓ 0.2, 0.3, σ 0.1) fewer than 100 above :math:`0.1 \sigma^2`), so at
+  r = 96 P is nearly C: solves take a few iterations. :math:`P^{-1}` by Woodbury,
+  :math:`\log\det P` from an r×r Cholesky, draws of covariance P as :math:`U \epsilon_1 +
+  D^{1/2} \epsilon_2`. Without an eigen route with ``sigma`` (noise factors, noise-free
+  Cholesky), the data solves use the complete-grid inverse restricted to the observed cells
+  and the probes none (r = 0).
 * **Log determinant**: :math:`\log\det C = \log\det P + \log\det(P^{-1/2} C P^{-1/2})`,
   the second term by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017) from probes
   of covariance P: preconditioned conjugate gradients on :math:`C w = z` give the Lanczos
@@ -73,7 +74,8 @@ from kronjax.marginal import observed_indices
 __all__ = ["IterativeMarginal", "SolverInfo"]
 
 _LOG_2PI = math.log(2 * math.pi)
-_PRECOND_ENTRIES = 2**20  # default precond_rank: r·N up to this (at least 128)
+_PRECOND_ENTRIES = 2**20  # default precond_rank: r·N up to this (at least _PRECOND_MIN)
+_PRECOND_MIN = 96  # measured faster than 128 from 128² to 512² (the cache; see precond_rank)
 
 
 class SolverInfo(NamedTuple):
@@ -113,12 +115,11 @@ def _slots(observed: tuple[int, ...], size: int) -> np.ndarray:
     return out
 
 
-def _fill(cfg, x, axis: int = -1):
-    """The observed values along ``axis`` zero-filled to the grid (a gather: cheaper than a
+def _fill(cfg, x):
+    """The observed values (last axis) zero-filled to the grid (a gather: cheaper than a
     scatter on CPU, and its transpose is the restriction's)."""
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, 1)
-    return jnp.take(jnp.pad(x, pad), _slots(cfg.observed, cfg.size), axis=axis)
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, 1)]
+    return jnp.take(jnp.pad(x, pad), _slots(cfg.observed, cfg.size), axis=-1)
 
 
 def _observed_matvec(cfg, cov, noise_o):
@@ -222,7 +223,7 @@ def _low_rank(cfg, cov, noise_o) -> _LowRank:
     y = _khatri_rao(cols, cfg.observed)
     d = cov.sigma2()[..., None] if noise_o is None else cov.sigma2()[..., None] + noise_o
     d = jnp.broadcast_to(d, batch + (n_o,))
-    missing = np.setdiff1d(np.arange(cfg.size), cfg.observed)
+    missing = _missing(cfg.observed, cfg.size)
     eye = jnp.broadcast_to(jnp.eye(cfg.rank, dtype=dtype), batch + (cfg.rank, cfg.rank))
     if noise_o is None and missing.size < n_o:  # F = Yᵀ Y / σ² = (I - Y_mᵀ Y_m) / σ²
         y_m = _khatri_rao(cols, missing)
@@ -256,6 +257,18 @@ def _top_eigen(cov, count: int, batch):
         jnp.take_along_axis(jnp.broadcast_to(i, batch + i.shape[-1:]), jnp.asarray(c)[pos], -1)
         for i, c in zip(idx, cand, strict=True)
     ]
+
+
+@lru_cache(maxsize=16)
+def _missing(observed: tuple[int, ...], size: int) -> np.ndarray:
+    """The flat indices of the cells not observed, ascending."""
+    return np.setdiff1d(np.arange(size), observed)
+
+
+@lru_cache(maxsize=16)
+def _coordinates(observed: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """Each observed cell's index along each factor's axis (row-major flattening)."""
+    return np.unravel_index(np.asarray(observed), sizes)
 
 
 @lru_cache(maxsize=16)
@@ -364,11 +377,13 @@ def _cg_lanczos(cfg, matvec, precond, z, solve_tol=None):
     :math:`C^{-1} z` of the gradient: it runs ``lanczos_steps`` steps, and on to relative
     residual ``solve_tol`` (at most ``max_iters``) when that is given.
 
-    A probe whose relative preconditioned residual falls below 1e-10 (machine precision in
-    float32) is done: its later steps decouple (diagonal 1, coupling 0). What its Gauss rule
-    misses is of the order of that residual squared, and its solve is 1e-10 accurate."""
+    A probe whose relative preconditioned residual falls below ``min(tol, probe_tol)``
+    (machine precision at least) is done: its later steps decouple (diagonal 1, coupling 0).
+    What its Gauss rule misses is of the order of that residual squared (1e-12 of the
+    probe's norm at the default ``tol``), and its solve is as accurate as the data's."""
     steps = cfg.lanczos_steps
-    eps2 = max(jnp.finfo(z.dtype).eps ** 2, 1e-20)  # squared: rz is a squared norm
+    stop = max(min(cfg.tol, cfg.probe_tol), float(jnp.finfo(z.dtype).eps))
+    eps2 = stop**2  # squared: rz is a squared norm
     zz = _dot(z, z)
     zz = jnp.where(zz > 0, zz, 1)
     pz = precond(z)
@@ -487,8 +502,8 @@ def _trace_control(cfg, cov, pre: _LowRank, p, scale, uniform: bool):
     :math:`\sum_i \langle dK_i, H_i \rangle + \langle dd, \operatorname{diag} \tilde P\rangle`.
     Since :math:`dK\, q_k = \sum_i w_{ik}\, q_{1 k_1} \otimes \dots \otimes dK_i q_{i k_i}
     \otimes \dots` (:math:`w_{ik} = \prod_{j \ne i} \lambda_{j k_j}`), and with
-    :math:`B = \tilde P Y`, :math:`Z_{ik}` the grid-filled :math:`B_k` contracted with
-    :math:`q_{j k_j}` over every axis :math:`j \ne i`, :math:`F = Y^\top \tilde P Y`,
+    :math:`B = \tilde P Y`, :math:`Z_{ik}[x] = \sum_{c:\, c_i = x} B_{ck} \prod_{j \ne i}
+    q_{j k_j}[c_j]` over the observed cells c (a segment sum), :math:`F = Y^\top \tilde P Y`,
     :math:`\hat q_{ik} = q_{i k_i}`:
 
     .. math::
@@ -497,13 +512,12 @@ def _trace_control(cfg, cov, pre: _LowRank, p, scale, uniform: bool):
 
     Returns the :math:`H_i` and :math:`\operatorname{diag}\tilde P` (its trace where the
     noise is ``uniform``: no per-cell noise), all held constant:
-    :math:`O(n_o r^2 + d\, r N)` once, then :math:`O(\sum_i n_i^2)` per tangent."""
+    :math:`O(n_o r^2 + d^2 n_o r)` once, then :math:`O(\sum_i n_i^2)` per tangent."""
     cov, pre, p = jax.lax.stop_gradient((cov, pre, p))
     y, d, f, lam = pre.y, pre.d, pre.f, pre.lam
     root = jnp.sqrt(lam)
     a = root[..., :, None] * pre.m_inv() * root[..., None, :]  # Λ^½ M⁻¹ Λ^½: P⁻¹ = D⁻¹ - D⁻¹YAYᵀD⁻¹
     pty = jnp.einsum("j...n,...nr->j...r", p, y)
-    b = (y - y @ (a @ f)) / d[..., None] - scale * jnp.einsum("j...n,j...r->...nr", p, pty)
     ftil = f - f @ a @ f - scale * jnp.einsum("j...k,j...l->...kl", pty, pty)  # YᵀP̃Y
     if uniform:  # dd is one number per batch member: only the trace of P̃ is needed
         tr_pinv = jnp.sum(1 / d, -1) - jnp.sum(a * f, (-2, -1)) / d[..., 0]
@@ -512,30 +526,61 @@ def _trace_control(cfg, cov, pre: _LowRank, p, scale, uniform: bool):
         dvec = 1 / d - jnp.sum((y @ a) * y, -1) / d**2 - scale * jnp.sum(p * p, 0)  # diag P̃
     batch, sizes, ndim = d.shape[:-1], cov.factor_sizes, len(cov.factor_sizes)
     idx, cols = pre.idx, pre.cols
-    lams = [
+    same = [  # [k_j = k'_j for every j ≠ i], (..., r, r) per factor i
+        math.prod(
+            (idx[j][..., :, None] == idx[j][..., None, :] for j in range(ndim) if j != i),
+            start=jnp.ones(batch + (cfg.rank, cfg.rank), bool),
+        )
+        for i in range(ndim)
+    ]
+    # Z = Z(P⁻¹Y) - Z(ŜY), P⁻¹Y = D⁻¹ Y G
+    g = jnp.eye(cfg.rank, dtype=y.dtype) - a @ f
+    shat_y = scale * jnp.einsum("j...n,j...r->...nr", p, pty)
+    missing = _missing(cfg.observed, cfg.size)
+    if uniform and missing.size < len(cfg.observed):
+        # over the whole grid, Σ_{c: c_i = x} q_{k'}[c] Π_{j≠i} q_{j k_j}[c_j] = q_{i k'_i}[x]
+        # [k'_j = k_j, j ≠ i] (orthonormal factor eigenvectors): only the missing cells'
+        # rows are summed, O(m r²), as for F
+        y_m = _khatri_rao(cols, missing)
+        zs = [
+            (c @ (s * g) - zm) / d[..., :1, None] - zo
+            for c, s, zm, zo in zip(
+                cols,
+                same,
+                _axis_sums(cols, sizes, missing, y_m @ g),
+                _axis_sums(cols, sizes, cfg.observed, shat_y),
+                strict=True,
+            )
+        ]
+    else:
+        zs = _axis_sums(cols, sizes, cfg.observed, (y @ g) / d[..., None] - shat_y)
+    lams = [  # λ_{j k_j} of each top eigenpair, (..., r) per factor
         jnp.take_along_axis(jnp.broadcast_to(v, batch + (n,)), i, axis=-1)
         for v, i, n in zip(cov.eigvals, idx, sizes, strict=True)
     ]
-    grid = _fill(cfg, b, axis=-2).reshape(batch + sizes + (cfg.rank,))  # P̃Y on the grid
     out = []
     for i in range(ndim):
-        others = [j for j in range(ndim) if j != i]
-        z = grid
-        for j in others:  # times q_{j k_j} along axis j
-            z = z * cols[j].reshape(batch + (1,) * j + (sizes[j],) + (1,) * (ndim - j - 1) + (-1,))
-        before, after = math.prod(sizes[:i]), math.prod(sizes[i + 1 :])
-        z = jnp.sum(z.reshape(batch + (before, sizes[i], after, cfg.rank)), -2)
-        # the sum over the leading axes as a product: far faster than a reduction on CPU
-        z = jnp.einsum("p,...pxk->...xk", jnp.ones(before, z.dtype), z)
-        w = math.prod((lams[j] for j in others), start=jnp.ones_like(lam))
-        same = math.prod(
-            (idx[j][..., :, None] == idx[j][..., None, :] for j in others),
-            start=jnp.ones(batch + (cfg.rank, cfg.rank), bool),
-        )
-        h = 2 * (z * w[..., None, :]) @ jnp.swapaxes(cols[i], -1, -2)
-        h = h - cols[i] @ (w[..., :, None] * same * ftil) @ jnp.swapaxes(cols[i], -1, -2)
+        w = math.prod((lams[j] for j in range(ndim) if j != i), start=jnp.ones_like(lam))
+        h = 2 * (zs[i] * w[..., None, :]) @ jnp.swapaxes(cols[i], -1, -2)
+        h = h - cols[i] @ (w[..., :, None] * same[i] * ftil) @ jnp.swapaxes(cols[i], -1, -2)
         out.append(0.5 * (h + jnp.swapaxes(h, -1, -2)))
     return out, dvec
+
+
+def _axis_sums(cols, sizes, cells, rows):
+    r"""Per factor i, :math:`Z_i[x, k] = \sum_{c \in \text{cells}:\, c_i = x} \text{rows}[c, k]
+    \prod_{j \ne i} q_{j k_j}[c_j]`, ``(..., n_i, r)``, for ``rows`` ``(..., cells, r)`` at the
+    flat grid ``cells`` (static): a segment sum per factor, :math:`O(d^2 \cdot \text{cells}
+    \cdot r)`, no grid (filled to the grid and contracted it took 9× longer at 128²)."""
+    coords = _coordinates(tuple(cells), sizes)
+    at = [jnp.take(c, x, axis=-2) for c, x in zip(cols, coords, strict=True)]
+    out = []
+    for i, x in enumerate(coords):
+        z = math.prod((a for j, a in enumerate(at) if j != i), start=rows)
+        ordered = bool(np.all(np.diff(x) >= 0))
+        z = jax.ops.segment_sum(jnp.moveaxis(z, -2, 0), x, sizes[i], indices_are_sorted=ordered)
+        out.append(jnp.moveaxis(z, 0, -2))
+    return out
 
 
 @_log_density.defjvp
@@ -605,7 +650,7 @@ class IterativeMarginal(Distribution):
     (n_obs,)`` in the order of ``observed``. Per ``log_prob`` with its gradient: the data
     solve's and the probes' iterations (each one application of the complete-grid operator,
     :math:`O(N \sum_i n_i)`, per vector), plus ``1 + probes`` differentiated applications
-    and :math:`O(n_o r^2 + d\,r N)` for the gradient, plus :math:`O(n_o r^2)` to build P.
+    and :math:`O(n_o r^2 + d^2 n_o r)` for the gradient, plus :math:`O(n_o r^2)` to build P.
     The log determinant (and its gradient) is a stochastic estimate with a fixed seed,
     nearly exact where P captures the signal (``solver_info(y).precond_gap <= 1``); the
     quadratic term is exact to ``tol``.
@@ -621,8 +666,8 @@ class IterativeMarginal(Distribution):
             P); at least ``n_obs`` means the ``precond_rank + n_obs`` columns of a root of P
             (exact trace, deterministic).
         lanczos_steps: Lanczos steps per probe at most (capped at ``n_obs``; the loop ends
-            earlier once every probe's relative residual is below 1e-10, or round-off in
-            float32: a few steps when P is nearly C). Too few bias the log determinant
+            earlier once every probe's relative residual is below ``min(tol,
+            probe_tol)``: a few steps when P is nearly C). Too few bias the log determinant
             upward, the Gauss rule's error decaying like
             :math:`((\sqrt\kappa - 1)/(\sqrt\kappa + 1))^{2k}`; about :math:`0.4\sqrt\kappa`
             steps bring the bias below the 16-probe spread (measured without a
@@ -638,11 +683,12 @@ class IterativeMarginal(Distribution):
         precond_rank: rank r of the preconditioner P (the r largest eigenpairs of the
             signal plus the diagonal noise; used with ``sigma`` on the eigen route, capped
             at ``n_obs``). The spectrum of :math:`P^{-1} C` lies in :math:`[1, 1 +
-            \lambda_{r+1}/\sigma^2]`: an RBF grid up to 512×512 has fewer than 130
-            eigenvalues above :math:`0.01\sigma^2` at σ ≥ 0.03 (ℓ 0.2 and 0.3 on [0, 1]).
-            Default: as large as keeps :math:`r N \le 2^{20}`, at least 128; raise it
-            for rough kernels or a small σ (``solver_info(y).precond_gap > 1``). Cost
-            :math:`O(n_o r^2)` per evaluation, memory :math:`O(N r)`.
+            \lambda_{r+1}/\sigma^2]`: an RBF grid (ℓ 0.2 and 0.3 on [0, 1], σ = 0.1)
+            has a gap of 0.006, 0.02 and 0.08 at r = 96 on 128², 256² and 512².
+            Default: as large as keeps :math:`r N \le 2^{20}`, at least 96 (faster than 128
+            from 128² to 512², where the :math:`n_o \times r` arrays outgrow the cache);
+            raise it for rough kernels or a small σ (``solver_info(y).precond_gap > 1``).
+            Cost :math:`O(n_o r^2)` per evaluation, memory :math:`O(N r)`.
         key: the probes' seed (an int or a PRNG key).
     """
 
@@ -670,7 +716,7 @@ class IterativeMarginal(Distribution):
         n = base.event_shape[0]
         obs = np.arange(n) if observed is None else observed_indices(observed, n)
         if precond_rank is None:
-            precond_rank = max(128, _PRECOND_ENTRIES // n)
+            precond_rank = max(_PRECOND_MIN, _PRECOND_ENTRIES // n)
         for name, value, least in (
             ("probes", probes, 1),
             ("lanczos_steps", 1 if lanczos_steps is None else lanczos_steps, 1),

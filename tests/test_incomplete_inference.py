@@ -19,7 +19,7 @@ GRID = (np.linspace(0, 1, 64), np.linspace(0, 1, 48))
 )
 def test_default_probes_meet_the_accuracy_targets(missing, cell_noise):
     """64×48 RBF grid (ℓ 0.2, 0.3, σ 0.1, N = 3072), 1%, 30% and 70% missing, with and
-    without per-cell noise, default settings (16 probes, rank-128 preconditioner): the log
+    without per-cell noise, default settings (16 probes, the rank-341 preconditioner): the log
     density within 1e-6 and every gradient component within 1e-3 relative of the dense
     Cholesky twin's, for three probe seeds."""
     rng = np.random.default_rng(3)
