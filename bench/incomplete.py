@@ -3,20 +3,20 @@
     python -m bench.incomplete           # writes bench/INCOMPLETE.md, results_incomplete.json
     python -m bench.incomplete --quick   # 64 × 48 and 128 × 128 only
 
-Two-factor RBF grid GP (axes linspace(0, 1, n_i), ℓ = 0.2, 0.3, σ = 0.1, y a draw of the model,
-seed 0), a random fraction of cells missing (seed 1); log likelihood of the observed cells and
-its gradient w.r.t. (ℓ₁, ℓ₂, σ), float64, by kronjax ``marginal(mask, method="exact")`` (m ≤
-3000 missing only) and ``method="iterative"`` (defaults: tol 1e-6, 16 probes, probe_tol 1e-2,
-precond_rank r·N ≤ 2²⁰ and at least 128, 40 Lanczos steps at most), each a
-``jit(value_and_grad)`` compiled ahead; BoTorch's ``LatentKroneckerGP`` (RBF X and T kernels, no
-ScaleKernel or transforms): ``-ExactMarginalLogLikelihood`` under ``use_iterative_methods()`` as
-in BoTorch's tests, forward + backward, times n_obs; dense SciPy Cholesky, the reference for N ≤
-6000. Warm-up, then the median of 3 calls (5 if under 1 s); one subprocess per (problem,
-system); a call over 60 s is "skipped (time)", as are that system's larger grids at that
-fraction. "iterative (BoTorch-like)" is the iterative route at GPyTorch's settings (tol 1e-2, 10
-probes, 20 Lanczos steps). Where neither the dense nor the exact route runs, kronjax's iterative
-route at ``TIGHT`` settings is the (self-consistency) reference. A sweep over m locates the
-exact/iterative crossover for "auto".
+Two-factor RBF grid GP (axes linspace(0, 1, n_i), ℓ = 0.2, 0.3, σ = 0.1, y a draw of the model, seed
+0), a random fraction of cells missing (seed 1); log likelihood of the observed cells and its
+gradient w.r.t. (ℓ₁, ℓ₂, σ), float64, by kronjax ``marginal(mask, method="exact")`` (m ≤ 3000
+missing only) and ``method="iterative"`` (defaults: tol 1e-6, 16 probes, probe_tol 1e-2,
+precond_rank r·N ≤ 2²⁰ and at least 96 at 128², 112 at 256², 128 from 512², 40 Lanczos steps at
+most), each a ``jit(value_and_grad)`` compiled ahead; BoTorch's ``LatentKroneckerGP`` (RBF X and T
+kernels, no ScaleKernel or transforms): ``-ExactMarginalLogLikelihood`` under
+``use_iterative_methods()`` as in BoTorch's tests, forward + backward, times n_obs; dense SciPy
+Cholesky, the reference for N ≤ 6000. Warm-up, then the median of 3 calls (5 if under 1 s); one
+subprocess per (problem, system); a call over 60 s is "skipped (time)", as are that system's larger
+grids at that fraction. "iterative (BoTorch-like)" is the iterative route at GPyTorch's settings
+(tol 1e-2, 10 probes, 20 Lanczos steps). Where neither the dense nor the exact route runs, kronjax's
+iterative route at ``TIGHT`` settings is the (self-consistency) reference. A sweep over m locates
+the exact/iterative crossover for "auto".
 """
 
 import argparse

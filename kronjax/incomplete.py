@@ -21,8 +21,8 @@ or :math:`n_o \times n_o` array; memory :math:`O(N \cdot \text{probes} + n_o r)`
   at the observed cells, PSD with norm at most :math:`\lambda_{r+1}`, so the spectrum of
   :math:`P^{-1} C` lies in :math:`[1, 1 + \lambda_{r+1} / \min D]` whatever cells are
   missing. For smooth kernels the signal has few eigenvalues above the noise (an RBF grid
-  up to 512×512 (ℓ 0.2, 0.3, σ 0.1) fewer than 100 above :math:`0.1 \sigma^2`), so at
-  r = 96 P is nearly C: solves take a few iterations. :math:`P^{-1}` by Woodbury,
+  up to 512×512 (ℓ 0.2, 0.3, σ 0.1) fewer than 129 above :math:`0.001 \sigma^2`), so at
+  the default r (96 to 128) P is nearly C: solves take a few iterations. :math:`P^{-1}` by Woodbury,
   :math:`\log\det P` from an r×r Cholesky, draws of covariance P as :math:`U \epsilon_1 +
   D^{1/2} \epsilon_2`. Without an eigen route with ``sigma`` (noise factors, noise-free
   Cholesky), the data solves use the complete-grid inverse restricted to the observed cells
@@ -74,8 +74,15 @@ from kronjax.marginal import observed_indices
 __all__ = ["IterativeMarginal", "SolverInfo"]
 
 _LOG_2PI = math.log(2 * math.pi)
-_PRECOND_ENTRIES = 2**20  # default precond_rank: r·N up to this (at least _PRECOND_MIN)
-_PRECOND_MIN = 96  # measured faster than 128 from 128² to 512² (the cache; see precond_rank)
+_PRECOND_ENTRIES = 2**20  # default precond_rank: r·N up to this, at least _least_rank(N)
+
+
+def _least_rank(n: int) -> int:
+    """The default preconditioner rank's floor: 96 up to N = 128², then 16 more per 4× in N,
+    to 128 from 512². The signal's eigenvalues grow with N (a kernel's on a denser grid of
+    the same extent), so one gap needs more of them; 96 rather than 128 at 128² is 1.5×
+    faster there (the n_obs × r arrays outgrow the cache at 128)."""
+    return min(128, max(96, 96 + round(8 * math.log2(n / 2**14))))
 
 
 class SolverInfo(NamedTuple):
@@ -683,12 +690,14 @@ class IterativeMarginal(Distribution):
         precond_rank: rank r of the preconditioner P (the r largest eigenpairs of the
             signal plus the diagonal noise; used with ``sigma`` on the eigen route, capped
             at ``n_obs``). The spectrum of :math:`P^{-1} C` lies in :math:`[1, 1 +
-            \lambda_{r+1}/\sigma^2]`: an RBF grid (ℓ 0.2 and 0.3 on [0, 1], σ = 0.1)
-            has a gap of 0.006, 0.02 and 0.08 at r = 96 on 128², 256² and 512².
-            Default: as large as keeps :math:`r N \le 2^{20}`, at least 96 (faster than 128
-            from 128² to 512², where the :math:`n_o \times r` arrays outgrow the cache);
-            raise it for rough kernels or a small σ (``solver_info(y).precond_gap > 1``).
-            Cost :math:`O(n_o r^2)` per evaluation, memory :math:`O(N r)`.
+            \lambda_{r+1}/\sigma^2]`. Default: as large as keeps :math:`r N \le 2^{20}`,
+            at least 96 up to N = 128², then 16 more per 4× in N, to 128 from 512²: an
+            RBF grid (ℓ 0.2 and 0.3 on [0, 1], σ = 0.1) then has a gap of 0.006, 0.002 and
+            0.0008 on 128², 256² and 512². Raise it for rough kernels or a small σ
+            (``solver_info(y).precond_gap > 1``), or for a more exact gradient (at 256²,
+            30% missing, r = 96, 112, 128 give gradient errors 1.4e-3, 2e-5, 5e-6 at
+            0.20, 0.24, 0.26 s). Cost :math:`O(n_o r^2)` per evaluation, memory
+            :math:`O(N r)`.
         key: the probes' seed (an int or a PRNG key).
     """
 
@@ -716,7 +725,7 @@ class IterativeMarginal(Distribution):
         n = base.event_shape[0]
         obs = np.arange(n) if observed is None else observed_indices(observed, n)
         if precond_rank is None:
-            precond_rank = max(_PRECOND_MIN, _PRECOND_ENTRIES // n)
+            precond_rank = max(_least_rank(n), _PRECOND_ENTRIES // n)
         for name, value, least in (
             ("probes", probes, 1),
             ("lanczos_steps", 1 if lanczos_steps is None else lanczos_steps, 1),
