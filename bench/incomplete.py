@@ -11,12 +11,14 @@ precond_rank r·N ≤ 2²⁰ and at least 96 at 128², 112 at 256², 128 from 51
 most), each a ``jit(value_and_grad)`` compiled ahead; BoTorch's ``LatentKroneckerGP`` (RBF X and T
 kernels, no ScaleKernel or transforms): ``-ExactMarginalLogLikelihood`` under
 ``use_iterative_methods()`` as in BoTorch's tests, forward + backward, times n_obs; dense SciPy
-Cholesky, the reference for N ≤ 6000. Warm-up, then the median of 3 calls (5 if under 1 s); one
-subprocess per (problem, system); a call over 60 s is "skipped (time)", as are that system's larger
-grids at that fraction. "iterative (BoTorch-like)" is the iterative route at GPyTorch's settings
-(tol 1e-2, 10 probes, 20 Lanczos steps). Where neither the dense nor the exact route runs, kronjax's
-iterative route at ``TIGHT`` settings is the (self-consistency) reference. A sweep over m locates
-the exact/iterative crossover for "auto".
+Cholesky, the reference for N ≤ 6000. Warm-up, then the median of the calls in 2 s (at least 3, at
+most 31); one subprocess per (problem, system), three for kronjax iterative and BoTorch, run
+alternately, their median taken (one process's time drifts by up to 1.5× with the host: 256², 60%
+missing took 0.20 s in one process and 0.30 s in another); a call over 60 s is "skipped (time)",
+as are that system's larger grids at that fraction. "iterative (BoTorch-like)" is the iterative
+route at GPyTorch's settings (tol 1e-2, 10 probes, 20 Lanczos steps). Where neither the dense nor
+the exact route runs, kronjax's iterative route at ``TIGHT`` settings is the (self-consistency)
+reference. A sweep over m locates the exact/iterative crossover for "auto".
 """
 
 import argparse
@@ -43,6 +45,7 @@ ELLS, SIGMA = (0.2, 0.3), 0.1
 GRIDS = ((64, 48), (128, 128), (256, 256), (512, 512))
 FRACS = (0.1, 0.3, 0.6)
 SWEEP_M = (64, 256, 512, 1024, 2048, 3000)
+ROUNDS = 3  # processes per (problem, system) for kronjax iterative and BoTorch, alternating
 EXACT_MAX_M, DENSE_MAX_N, CALL_CAP_S = 3000, 6000, 60.0
 MATCHED = dict(tol=1e-2, probes=10, lanczos_steps=20)  # GPyTorch's under use_iterative_methods
 TIGHT = dict(tol=1e-10, probe_tol=1e-8, precond_rank=256, lanczos_steps=200)  # large-N reference
@@ -161,7 +164,7 @@ def measure(job):
     call, out = route(*args) if route else kronjax_route(*args, system)
     skipped = json.dumps(dict(out, status="skipped (time)", load=load))
     times = []
-    while len(times) < 4 or (len(times) < 6 and times[0] < 1.0):  # warm-up + 3 (or 5)
+    while len(times) < 4 or (len(times) < 32 and sum(times[1:]) < 2.0):  # warm-up + 3 to 31
         watchdog = threading.Timer(CALL_CAP_S, lambda: (print(skipped, flush=True), os._exit(0)))
         watchdog.start()
         start = time.perf_counter()
@@ -206,6 +209,15 @@ def ratio(a, b):
     return a["time_s"] / b["time_s"] if ok(a, b) else None
 
 
+def pooled(first, run):
+    """``first`` (a run of the same job, or None) with ``run``'s time added to ``rounds`` and
+    ``time_s`` their median."""
+    if first is None or not ok(first, run):
+        return run if first is None or ok(run) else first
+    rounds = first.get("rounds", [first["time_s"]]) + [run["time_s"]]
+    return dict(first, rounds=rounds, time_s=statistics.median(rounds))
+
+
 def run_all(quick):
     rows, sweep, slow = [], [], set()
     for sizes in GRIDS[: 2 if quick else 4]:
@@ -214,12 +226,14 @@ def run_all(quick):
             row = {"grid": list(sizes), "N": n, "frac": frac, "m": m}
             systems = ["dense"] * (n <= DENSE_MAX_N) + ["exact"] * (m <= EXACT_MAX_M)
             systems += ["tight"] * (n > DENSE_MAX_N and m > EXACT_MAX_M)
-            for s in systems + ["iterative", "matched", "botorch"]:
+            paired = ["iterative", "botorch"] * ROUNDS  # interleaved: the host's drift hits both
+            for s in systems + ["matched"] + paired:
                 job = {"grid": list(sizes), "m": m, "system": s}
-                row[s] = dict(job, status="skipped (time)") if (s, frac) in slow else run_job(job)
-                if row[s]["status"] == "skipped (time)":
+                run = dict(job, status="skipped (time)") if (s, frac) in slow else run_job(job)
+                if run["status"] == "skipped (time)":
                     slow.add((s, frac))  # a larger grid would be slower still
-                print(f"{sizes} m={m} {s}: {cell(row[s])}", flush=True)
+                row[s] = pooled(row.get(s), run) if s in paired else run
+                print(f"{sizes} m={m} {s}: {cell(run)}", flush=True)
             refs = [s for s in ("dense", "exact", "tight") if ok(row.get(s))]
             row["ref"] = refs[0] if refs else None
             for s in ("exact", "iterative", "matched", "botorch"):
@@ -263,7 +277,8 @@ def cell(r, spec=None):
     if r["status"] != "ok":
         return r["status"]
     chol = r.get("settings", {}).get("path") == "Cholesky"
-    return f"{r['time_s']:.3g} s" + " (Cholesky)" * chol
+    spread = f" [{min(r['rounds']):.3g}–{max(r['rounds']):.3g}]" if "rounds" in r else ""
+    return f"{r['time_s']:.3g} s" + spread + " (Cholesky)" * chol
 
 
 def observations(rows, sweep, cross):
@@ -387,6 +402,8 @@ def report(res):
         "ran, else kronjax iterative at tight settings (`TIGHT`: tol 1e-10, probe_tol 1e-8, "
         "rank 256, 200 Lanczos steps; a self-consistency reference, not an independent one); "
         "CG iterations of the data solve from `solver_info` (also where the timing was skipped)",
+        f"- times: per process the median of its calls; kronjax iterative and BoTorch the median "
+        f"of {ROUNDS} processes run alternately, [their range]",
         "",
         "| grid | N | missing % | m | time exact | time iterative | time BoTorch | iterative / "
         "BoTorch | exact / iterative | CG iterations (kronjax) | rel. err exact | rel. err "

@@ -74,7 +74,8 @@ def main(argv=None):
         trace.append(dict(step=k, loss=float(value), params=np.exp(np.asarray(p)).tolist()))
         p = p_new
         print(f"step {k:3d}  loss {float(value):.5f}  ℓ1, ℓ2, σ = {np.exp(np.asarray(p)).round(4)}")
-    info = grid_dist(p).marginal(keep, method="iterative").solver_info(y)
+    fitted = grid_dist(p).marginal(keep, method="iterative")
+    info = fitted.solver_info(y)
     result = dict(
         side=side,
         missing=int((~keep).sum()),
@@ -87,6 +88,7 @@ def main(argv=None):
         start=list(START),
         cg_iterations=int(info.iterations),
         cg_residual=float(info.residual),
+        precond_rank=fitted.config.rank,
         trace=trace,
     )
     write(result)
@@ -100,12 +102,13 @@ def write(r):
     (HERE / "results_incomplete_fit.json").write_text(json.dumps(dict(meta=meta, **r), indent=1))
     last = r["trace"][-5:]
     lines = [
-        "# A 256 × 256 grid with 30% missing, fitted with optax (iterative marginal)",
+        f"# A {r['side']} × {r['side']} grid with 30% missing, fitted with optax (iterative "
+        "marginal)",
         "",
         *header,
         f"- grid {r['side']}×{r['side']}, {r['missing']} cells missing; Adam 0.05 on log "
         f"(ℓ1, ℓ2, σ) from {tuple(r['start'])}; marginal at its defaults (tol 1e-6, 16 probes, "
-        "40 Lanczos steps at most, rank-128 preconditioner)",
+        f"40 Lanczos steps at most, rank-{r['precond_rank']} preconditioner)",
         "",
         "| | value |",
         "|---|---|",

@@ -24,10 +24,11 @@ _LOG_2PI = math.log(2 * math.pi)
 #: ``marginal(method="auto")`` takes the exact route up to this many missing cells, and
 #: while the exact route's m × N solves stay under ``AUTO_EXACT_MAX_CELLS`` entries. Measured
 #: (``bench/INCOMPLETE.md``, the iterative route with its default preconditioner): equal
-#: times at m ≈ 289 (64×48, rank 341), 82 (128×128) and below 64 (256×256, both rank 128); the
-#: exact route's peak memory is 8–27 × m·N doubles. Kept above the crossover: the exact route
-#: is exact and has second derivatives (the iterative one refuses them), at m = 192 for at
-#: most about 2.5 × (128×128) to 4 × (256×256) the iterative time.
+#: times at m ≈ 219 (64×48, rank 341) and below 64 (128×128 and 256×256, ranks 96 and 112;
+#: exact takes 1.3× and 1.8× at m = 64); the exact route's peak memory is 8–27 × m·N
+#: doubles. Kept above the crossover: the exact route is exact and has second derivatives
+#: (the iterative one refuses them), at m = 192 for about 4 × (128×128) to 5 × (256×256) the
+#: iterative time.
 AUTO_EXACT_MAX_MISSING = 192
 AUTO_EXACT_MAX_CELLS = 2**24
 
