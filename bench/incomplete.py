@@ -209,13 +209,14 @@ def ratio(a, b):
     return a["time_s"] / b["time_s"] if ok(a, b) else None
 
 
-def pooled(first, run):
-    """``first`` (a run of the same job, or None) with ``run``'s time added to ``rounds`` and
-    ``time_s`` their median."""
-    if first is None or not ok(first, run):
-        return run if first is None or ok(run) else first
-    rounds = first.get("rounds", [first["time_s"]]) + [run["time_s"]]
-    return dict(first, rounds=rounds, time_s=statistics.median(rounds))
+def pooled(runs):
+    """Runs of one job in several processes as one: the first that finished, its ``time_s``
+    the median over those that finished, their times in ``rounds`` (where two or more did)."""
+    done = [r for r in runs if ok(r)]
+    if len(done) < 2:
+        return (done or runs)[0]
+    rounds = [r["time_s"] for r in done]
+    return dict(done[0], rounds=rounds, time_s=statistics.median(rounds))
 
 
 def run_all(quick):
@@ -227,13 +228,15 @@ def run_all(quick):
             systems = ["dense"] * (n <= DENSE_MAX_N) + ["exact"] * (m <= EXACT_MAX_M)
             systems += ["tight"] * (n > DENSE_MAX_N and m > EXACT_MAX_M)
             paired = ["iterative", "botorch"] * ROUNDS  # interleaved: the host's drift hits both
+            runs = {}
             for s in systems + ["matched"] + paired:
                 job = {"grid": list(sizes), "m": m, "system": s}
                 run = dict(job, status="skipped (time)") if (s, frac) in slow else run_job(job)
                 if run["status"] == "skipped (time)":
                     slow.add((s, frac))  # a larger grid would be slower still
-                row[s] = pooled(row.get(s), run) if s in paired else run
+                runs.setdefault(s, []).append(run)
                 print(f"{sizes} m={m} {s}: {cell(run)}", flush=True)
+            row.update((s, pooled(r)) for s, r in runs.items())
             refs = [s for s in ("dense", "exact", "tight") if ok(row.get(s))]
             row["ref"] = refs[0] if refs else None
             for s in ("exact", "iterative", "matched", "botorch"):
@@ -402,7 +405,7 @@ def report(res):
         "ran, else kronjax iterative at tight settings (`TIGHT`: tol 1e-10, probe_tol 1e-8, "
         "rank 256, 200 Lanczos steps; a self-consistency reference, not an independent one); "
         "CG iterations of the data solve from `solver_info` (also where the timing was skipped)",
-        f"- times: per process the median of its calls; kronjax iterative and BoTorch the median "
+        "- times: per process the median of its calls; kronjax iterative and BoTorch the median "
         f"of {ROUNDS} processes run alternately, [their range]",
         "",
         "| grid | N | missing % | m | time exact | time iterative | time BoTorch | iterative / "
