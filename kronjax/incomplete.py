@@ -822,7 +822,7 @@ class IterativeMarginal(Distribution):
                 f"IterativeMarginal.log_prob: value has shape {value.shape}; expected "
                 f"(..., {n_obs}), one entry per observed cell"
             )
-        self.base.check_conditioning("the iterative marginal")
+        self.base.check_conditioning('marginal(method="iterative").log_prob')
         r = self._residual(value)
         return _log_density(self.config, self.base.covariance, self._noise_o(), self.probes, r)
 

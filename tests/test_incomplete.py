@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import DTYPE, RTOL
 
-from kronjax import KroneckerNormal
+from kronjax import KroneckerNormal, conditioning
+from kronjax.conditioning import ConditioningWarning
 
 pytestmark = pytest.mark.core
 X1, X2 = np.linspace(0, 10, 12), np.linspace(0, 10, 10)
@@ -176,6 +177,22 @@ def test_bad_arguments_raise_value_errors_naming_them():
             )
         )(THETA)
     assert marginal.event_shape == (int(keep.sum()),)
+
+
+def test_float32_past_its_conditioning_limit_refuses_or_warns_naming_the_route(monkeypatch):
+    """σ = 1e-3 puts κ near 1e8, past float32's 1/(8 eps): a ValueError with
+    ``validate_args``, else a ConditioningWarning; either names the iterative route."""
+    monkeypatch.setattr(conditioning, "_warned", set())  # it warns once per process
+    keep = mask(0.3)
+    covs = [rbf(X1, 1.5).astype(jnp.float32), rbf(X2, 2.0).astype(jnp.float32)]
+    y = jnp.asarray(Y[keep], jnp.float32)
+    sigma = jnp.float32(1e-3)
+    strict = KroneckerNormal(0.0, covs=covs, sigma=sigma, validate_args=True)
+    route = r'KroneckerNormal\.marginal\(method="iterative"\)\.log_prob: .*condition number'
+    with pytest.raises(ValueError, match=route):
+        strict.marginal(keep, method="iterative").log_prob(y)
+    with pytest.warns(ConditioningWarning, match=route):
+        KroneckerNormal(0.0, covs=covs, sigma=sigma).marginal(keep, method="iterative").log_prob(y)
 
 
 @pytest.mark.parametrize("grid", [True, False])
